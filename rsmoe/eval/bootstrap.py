@@ -1,0 +1,221 @@
+"""Percentile bootstrap confidence intervals over test items (images or questions).
+
+Each resample draws item indices with replacement (numpy ``default_rng(seed)``) and recomputes the
+*corpus* metric on that multiset:
+
+* BLEU-1..4: exact, from per-image sufficient statistics (n-gram matches, guesses, lengths), so a
+  resample is one matrix product.
+* CIDEr: exact, by re-running pycocoevalcap's CiderScorer on the resample, because its document
+  frequencies (IDF) depend on which reference sets are in the corpus (duplicates count twice,
+  as they would in a corpus containing them twice). Slower, hence fewer default resamples.
+* ROUGE-L, VQA accuracy: the corpus score is a mean of per-item scores, so the mean is exact.
+* METEOR / SPICE: the jar's corpus METEOR pools statistics inside Java; re-running the JVM per
+  resample is too slow, so the interval is for the *mean of per-image scores* (an approximation
+  of the corpus score, stated in the result).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .caption_metrics import BLEU_NAMES, CaptionScores, bleu_from_statistics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RESAMPLES = 1000
+DEFAULT_CIDER_RESAMPLES = 200
+
+
+def bootstrap_ci(
+    stat: Callable[[np.ndarray], float],
+    n_items: int,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of ``stat(indices)`` over ``n_resamples`` resamples of ``n_items`` items.
+
+    ``stat`` receives an int array of item indices (with repetitions) and returns the corpus metric.
+    """
+    if n_items < 1:
+        raise ValueError("bootstrap needs at least one item")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n_items, n_items)) for _ in range(n_resamples)])
+    return _percentiles(values, confidence)
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Interval for the mean of per-item values (accuracy, ROUGE-L, per-image METEOR)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("bootstrap needs at least one item")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, (n_resamples, v.size))
+    return _percentiles(v[idx].mean(axis=1), confidence)
+
+
+def bootstrap_bleu_ci(
+    bleu_stats: np.ndarray,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Exact corpus BLEU-1..4 intervals from per-image statistics (see ``bleu_statistics``)."""
+    n = len(bleu_stats)
+    if n == 0:
+        raise ValueError("bootstrap needs at least one item")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, (n_resamples, n))
+    # Counting how often each image is drawn turns every resample into a weighted sum of rows.
+    weights = np.zeros((n_resamples, n))
+    np.add.at(weights, (np.arange(n_resamples)[:, None], idx), 1.0)
+    bleus = bleu_from_statistics(weights @ bleu_stats)
+    return {name: _percentiles(bleus[:, k], confidence) for k, name in enumerate(BLEU_NAMES)}
+
+
+def cider_on_subset(cooked_tests: list[Any], cooked_refs: list[Any], idx: np.ndarray) -> float:
+    """Corpus CIDEr (pycocoevalcap CiderScorer) of the images ``idx`` (repetitions allowed)."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    scorer = CiderScorer(n=4, sigma=6.0)
+    scorer.ctest = [cooked_tests[i] for i in idx]
+    scorer.crefs = [cooked_refs[i] for i in idx]
+    scorer.document_frequency = defaultdict(float)
+    score, _ = scorer.compute_score()
+    return float(score)
+
+
+def bootstrap_cider_ci(
+    candidates: dict[str, str],
+    references: dict[str, list[str]],
+    ids: Sequence[str],
+    *,
+    n_resamples: int = DEFAULT_CIDER_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """CIDEr interval recomputing document frequencies on every resample (tokenised input)."""
+    from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
+
+    # n-gram counting is independent of the corpus: do it once, not per resample.
+    tests = [cook_test(candidates[k]) for k in ids]
+    refs = [cook_refs(references[k]) for k in ids]
+    return bootstrap_ci(
+        lambda idx: cider_on_subset(tests, refs, idx),
+        len(ids),
+        n_resamples=n_resamples,
+        seed=seed,
+        confidence=confidence,
+    )
+
+
+def caption_intervals(
+    scores: CaptionScores,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    n_resamples_cider: int = DEFAULT_CIDER_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Intervals for every metric in ``scores.corpus``.
+
+    Returns ``{metric: {"low", "high", "method", "n_resamples"}}``; ``method`` says whether the
+    interval is for the exact corpus metric or for the per-image mean (METEOR, SPICE).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    kw = {"seed": seed, "confidence": confidence}
+    for name, (lo, hi) in bootstrap_bleu_ci(scores.bleu_stats, n_resamples=n_resamples, **kw).items():
+        out[name] = {"low": lo, "high": hi, "method": "corpus BLEU from per-image statistics", "n_resamples": n_resamples}
+    for name in scores.corpus:
+        if name in out:
+            continue
+        values = [scores.per_image[name][k] for k in scores.ids]
+        if name == "CIDEr":
+            lo, hi = bootstrap_cider_ci(
+                scores.tokenized_candidates,
+                scores.tokenized_references,
+                scores.ids,
+                n_resamples=n_resamples_cider,
+                **kw,
+            )
+            out[name] = {"low": lo, "high": hi, "method": "corpus CIDEr recomputed (IDF per resample)", "n_resamples": n_resamples_cider}
+        elif name == "ROUGE-L":
+            lo, hi = bootstrap_mean_ci(values, n_resamples=n_resamples, **kw)
+            out[name] = {"low": lo, "high": hi, "method": "mean of per-image scores (exact)", "n_resamples": n_resamples}
+        else:
+            lo, hi = bootstrap_mean_ci(values, n_resamples=n_resamples, **kw)
+            out[name] = {
+                "low": lo,
+                "high": hi,
+                "method": "mean of per-image scores (approximates the jar's pooled corpus score)",
+                "n_resamples": n_resamples,
+            }
+    return out
+
+
+def vqa_intervals(
+    accuracy: dict[str, Any],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Intervals for ``overall`` and each type of a :func:`vqa_accuracy` result.
+
+    Per-type intervals resample questions within that type.
+    """
+    correct = np.asarray(accuracy["correct"], dtype=np.float64)
+    types = np.asarray(accuracy["types"])
+    kw = {"n_resamples": n_resamples, "seed": seed, "confidence": confidence}
+    out: dict[str, dict[str, Any]] = {}
+    lo, hi = bootstrap_mean_ci(correct, **kw)
+    out["overall"] = {"low": lo, "high": hi, "method": "mean of per-question correctness", "n_resamples": n_resamples}
+    for ty in accuracy["per_type"]:
+        lo, hi = bootstrap_mean_ci(correct[types == ty], **kw)
+        out[ty] = {"low": lo, "high": hi, "method": "mean of per-question correctness", "n_resamples": n_resamples}
+    return out
+
+
+def rsvqa_average_ci(
+    accuracy: dict[str, Any],
+    split: str,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Interval for the RSVQA-LR/HR average (mean of per-type accuracies), resampling within each
+    type so every resample keeps the test set's type composition."""
+    from .vqa_metrics import RSVQA_PROTOCOLS
+
+    correct = np.asarray(accuracy["correct"], dtype=np.float64)
+    types = np.asarray(accuracy["types"])
+    wanted = [t for t in RSVQA_PROTOCOLS[split.strip().upper()] if t in accuracy["per_type"]]
+    if not wanted:
+        raise ValueError(f"no RSVQA-{split} protocol types in the accuracy result")
+    rng = np.random.default_rng(seed)
+    per_type = []
+    for ty in wanted:
+        v = correct[types == ty]
+        per_type.append(v[rng.integers(0, v.size, (n_resamples, v.size))].mean(axis=1))
+    return _percentiles(np.mean(per_type, axis=0), confidence)

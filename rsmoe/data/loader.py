@@ -27,7 +27,8 @@ Workers send their counts with each batch under ``"_skipped"``; :meth:`Loader.st
 :meth:`Loader.load_state_dict`, the next pass of that epoch deterministically re-generates the same
 stream and drops the first ``batches_consumed`` batches (images are still decoded so that a corrupt
 image shifts batches exactly as it did the first time), so the remaining batches are exactly the ones
-the interrupted run would have seen. Skip counts seen while fast-forwarding are not re-reported.
+the interrupted run would have seen (with workers, each worker fast-forwards only its own batches
+and the worker roles are rotated so the round-robin order continues where it stopped). Skip counts seen while fast-forwarding are not re-reported.
 """
 from __future__ import annotations
 
@@ -255,6 +256,9 @@ class _ShardStream(IterableDataset):
     def _train_iter(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
         c = self.cfg
         assert c.batches_per_epoch is not None
+        # DataLoader always starts its round-robin at worker 0; after skipping k batches the next
+        # batch belongs to logical worker k % nw, so physical worker p plays logical (p + k) % nw.
+        wid = (wid + self.skip_batches) % nw
         quota = c.batches_per_epoch // nw + (1 if wid < c.batches_per_epoch % nw else 0)
         skip = self.skip_batches // nw + (1 if wid < self.skip_batches % nw else 0)
         g, total_workers = c.rank * nw + wid, c.world_size * nw

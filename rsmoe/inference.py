@@ -1,0 +1,126 @@
+"""Captioning and VQA with a trained RS-MoE: plain PyTorch, no DeepSpeed launcher needed.
+
+All experts generate in ONE batched `generate` call: their prompts sit side by side as rows and
+each row uses its own adapter. `sequential=True` runs the experts one after another instead
+(the baseline that `bench/generate.py` compares against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rsmoe.models.compose import compose_caption
+from rsmoe.models.router import DEFAULT_CAPTION_INSTRUCTION
+from rsmoe.models.rsmoe import RSMoE
+from rsmoe.processor import Processor
+
+STAGE1_EXPERT = "llm"
+
+
+@dataclass
+class GenerationArgs:
+    max_new_tokens: int = 48
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+    def kwargs(self, processor: Processor) -> dict:
+        tok = processor.llm_tokenizer
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=False,
+            repetition_penalty=self.repetition_penalty,
+            length_penalty=self.length_penalty,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+
+
+def _generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, sequential):
+    ids, mask = processor.generation_rows(prompts)
+    dev = prefix.device
+    adapter_index = torch.tensor(slots, dtype=torch.long, device=dev)
+    row_sample = torch.tensor(row_sample, dtype=torch.long, device=dev)
+    kwargs = gen.kwargs(processor)
+    if not sequential:
+        out = model.experts.generate(prefix[row_sample], ids.to(dev), mask.to(dev), adapter_index, **kwargs)
+        return processor.decode(out)
+    texts: list[str] = [""] * len(prompts)
+    for slot in sorted(set(slots)):
+        rows = [i for i, s in enumerate(slots) if s == slot]
+        sub_ids, sub_mask = processor.generation_rows([prompts[i] for i in rows])
+        out = model.experts.generate(
+            prefix[row_sample[rows]], sub_ids.to(dev), sub_mask.to(dev), adapter_index[rows], **kwargs
+        )
+        for i, t in zip(rows, processor.decode(out)):
+            texts[i] = t
+    return texts
+
+
+@torch.no_grad()
+def caption(
+    model: RSMoE,
+    processor: Processor,
+    pixel_values: torch.Tensor,
+    instructions: list[str | None] | None = None,
+    gen: GenerationArgs | None = None,
+    sequential: bool = False,
+) -> list[dict]:
+    """One dict per image: {'experts': {name: sub-caption}, 'caption': composed caption}."""
+    gen = gen or GenerationArgs()
+    model.eval()
+    b = pixel_values.shape[0]
+    instr = [x or DEFAULT_CAPTION_INSTRUCTION for x in (instructions or [None] * b)]
+    dev = next(model.experts.parameters()).device
+    qids, qmask = processor.encode_instructions(instr)
+    prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev))
+    names = model.expert_names
+    prompts, slots, samples = [], [], []
+    for i in range(b):
+        if names == [STAGE1_EXPERT]:
+            per_expert = [instr[i]]
+        else:
+            all_prompts = processor.router.caption_prompts(instr[i])
+            per_expert = [all_prompts[processor.experts.index(n)] for n in names]
+        for slot, p in enumerate(per_expert):
+            prompts.append(p)
+            slots.append(slot)
+            samples.append(i)
+    texts = _generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
+    results = []
+    k = len(names)
+    for i in range(b):
+        parts = {names[s]: texts[i * k + s] for s in range(k)}
+        results.append({"experts": parts, "caption": compose_caption(parts, names)})
+    return results
+
+
+@torch.no_grad()
+def answer(
+    model: RSMoE,
+    processor: Processor,
+    pixel_values: torch.Tensor,
+    questions: list[str],
+    types: list[str | None] | None = None,
+    gen: GenerationArgs | None = None,
+) -> list[dict]:
+    """One dict per (image, question) row: {'answer', 'expert'}; the router picks the expert."""
+    gen = gen or GenerationArgs(max_new_tokens=8)
+    model.eval()
+    types = types or [None] * len(questions)
+    dev = next(model.experts.parameters()).device
+    prompts = [processor.router.question_prompt(q) for q in questions]
+    qids, qmask = processor.encode_instructions(prompts)
+    prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev))
+    names = model.expert_names
+    if names == [STAGE1_EXPERT]:
+        experts = [STAGE1_EXPERT] * len(questions)
+    else:
+        experts = [processor.router.route_question(q, t) for q, t in zip(questions, types)]
+        experts = [e if e in names else names[0] for e in experts]
+    slots = [names.index(e) for e in experts]
+    texts = _generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
+    return [{"answer": t, "expert": e} for t, e in zip(texts, experts)]

@@ -1,0 +1,171 @@
+"""The experts: one frozen base causal LM, one LoRA adapter per expert, one batched forward.
+
+Rows of a batch are (visual prefix, prompt, target) triples, each tagged with the adapter slot
+of the expert it trains or queries. Global expert ids (position in `model.experts`) map to local
+slots, so a rank holding a subset of experts (expert parallelism) uses the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsmoe.models.lora import MultiLoRALinear, adapters_active, inject_multi_lora
+
+
+def expert_generator(seed: int, expert_id: int, layer_id: int) -> torch.Generator:
+    # Seeded by the *global* expert id, so an expert starts identical whichever rank holds it.
+    return torch.Generator().manual_seed(seed * 1_000_003 + expert_id * 10_007 + layer_id)
+
+
+class ExpertLM(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        expert_ids: list[int],
+        *,
+        r: int,
+        alpha: int,
+        dropout: float,
+        target_modules: list[str],
+        seed: int,
+    ):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.expert_ids = list(expert_ids)
+        self.target_modules = list(target_modules)
+        self.lora_r, self.lora_alpha, self.lora_dropout = r, alpha, dropout
+        self.lora_layers = inject_multi_lora(base, target_modules, len(expert_ids), r, alpha, dropout)
+        self.init_adapters(seed)
+
+    # ------------------------------------------------------------ adapters
+    @property
+    def hidden_size(self) -> int:
+        return self.base.get_input_embeddings().weight.shape[1]
+
+    def slot_of(self, expert_id: int) -> int:
+        return self.expert_ids.index(expert_id)
+
+    def init_adapters(self, seed: int) -> None:
+        for layer_id, layer in enumerate(self.lora_layers.values()):
+            for slot, eid in enumerate(self.expert_ids):
+                layer.init_adapter(slot, expert_generator(seed, eid, layer_id))
+
+    def merge_and_reset(self, expert_ids: list[int], seed: int) -> None:
+        """Stage I -> II: fold the single adapter into the base, then one fresh adapter per expert."""
+        assert all(layer.n_adapters == 1 for layer in self.lora_layers.values()), "merge expects one adapter"
+        for layer in self.lora_layers.values():
+            layer.merge_adapter(0)
+            layer.resize(len(expert_ids))
+        self.expert_ids = list(expert_ids)
+        self.init_adapters(seed)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.lora_layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """One expert's adapter in peft's key layout (base_model.model.<path>.lora_A.weight)."""
+        out = {}
+        for path, layer in self.lora_layers.items():
+            out[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[slot].detach().clone()
+            out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[slot].detach().clone()
+        return out
+
+    def peft_config(self, base_name_or_path: str = "") -> dict:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(self.target_modules),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "base_model_name_or_path": base_name_or_path,
+            "inference_mode": True,
+        }
+
+    def save_adapter(self, slot: int, out_dir: str | Path, base_name_or_path: str = "") -> Path:
+        """Write a standard peft adapter directory for the expert in `slot`."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.adapter_state(slot).items()}
+        save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(self.peft_config(base_name_or_path), indent=2))
+        return out
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base LM's weights under its own key names (the LoRA wrappers' `.base.` removed)."""
+        return {
+            k.replace(".base.weight", ".weight").replace(".base.bias", ".bias"): v
+            for k, v in self.base.state_dict().items()
+            if ".lora_" not in k
+        }
+
+    # ------------------------------------------------------------ compute
+    def embed_rows(self, prefix: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        tok = self.base.get_input_embeddings()(input_ids)
+        return torch.cat([prefix.to(tok.dtype), tok], dim=1)
+
+    def forward(
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        adapter_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row summed token loss and token count. prefix: (R,Q,H); ids/mask/labels: (R,L)."""
+        rows, q = prefix.shape[:2]
+        embeds = self.embed_rows(prefix, input_ids)
+        mask = torch.cat([attention_mask.new_ones(rows, q), attention_mask], dim=1)
+        with adapters_active(self.lora_layers, adapter_index):
+            hidden = self.base.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # Predict token t+1 from position t; only target positions go through the (large) LM head.
+        shifted = torch.cat([labels.new_full((rows, q), -100), labels], dim=1)[:, 1:]
+        hidden = hidden[:, :-1]
+        sel = shifted != -100
+        logits = self.base.get_output_embeddings()(hidden[sel]).float()
+        tok_loss = F.cross_entropy(logits, shifted[sel], reduction="none")
+        row_of_tok = torch.arange(rows, device=labels.device).unsqueeze(1).expand_as(shifted)[sel]
+        row_loss = torch.zeros(rows, device=tok_loss.device, dtype=tok_loss.dtype).index_add(0, row_of_tok, tok_loss)
+        row_tokens = sel.sum(dim=1)
+        return row_loss, row_tokens
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        adapter_index: torch.Tensor,
+        **gen_kwargs,
+    ) -> torch.Tensor:
+        """Batched generation: every row with its own adapter, all rows in one `generate` call.
+
+        `input_ids` are LEFT-padded prompts. The padding is moved in front of the visual prefix,
+        so each row reads [pad.. | prefix | prompt] and generation continues right after the prompt.
+        """
+        rows, q = prefix.shape[:2]
+        tok = self.base.get_input_embeddings()(input_ids)
+        prefix = prefix.to(tok.dtype)
+        n_pad = (attention_mask == 0).sum(dim=1).tolist()
+        embeds = torch.stack([torch.cat([tok[i, :p], prefix[i], tok[i, p:]]) for i, p in enumerate(n_pad)])
+        mask = torch.cat([attention_mask.new_ones(rows, q), attention_mask], dim=1)
+        mask = torch.stack([torch.cat([mask[i, q : q + p], mask[i, :q], mask[i, q + p :]]) for i, p in enumerate(n_pad)])
+        with adapters_active(self.lora_layers, adapter_index):
+            return self.base.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
+
+
+def layer_paths(model: ExpertLM) -> list[str]:
+    return list(model.lora_layers)
+
+
+__all__ = ["ExpertLM", "MultiLoRALinear", "expert_generator", "layer_paths"]

@@ -1,0 +1,135 @@
+"""Turns loader batches into model inputs: router prompts, tokenised rows, labels.
+
+Stage I: one row per sample (instruction -> whole caption, or a question -> answer).
+Stage II: one row per (sample, local expert): the router's prompt for that expert -> the
+expert's sub-caption. The Q-Former always reads the user's instruction (not the per-expert
+prompt), so the visual prefix is computed once per sample and shared by all experts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rsmoe.models.router import TemplateRouter
+
+# RSICap's instruction templates: Stage I sees them all, so the LLM Block follows any of them.
+CAPTION_INSTRUCTIONS = [
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+]
+
+
+def format_prompt(text: str) -> str:
+    return f"Instruction: {text.strip()}\nResponse:"
+
+
+@dataclass
+class Processor:
+    llm_tokenizer: object
+    qformer_tokenizer: object
+    experts: list[str]
+    max_prompt_len: int = 48
+    max_target_len: int = 96
+    max_instruction_len: int = 32
+
+    def __post_init__(self) -> None:
+        self.router = TemplateRouter(self.experts)
+        if self.llm_tokenizer.eos_token_id is None:
+            raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
+
+    # ------------------------------------------------------------ text -> ids
+    def _ids(self, text: str, limit: int) -> list[int]:
+        return self.llm_tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+
+    def encode_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.qformer_tokenizer(
+            instructions,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_instruction_len,
+            return_tensors="pt",
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _pad_right(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        pad = self.llm_tokenizer.pad_token_id
+        length = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (p, t) in enumerate(rows):
+            seq = p + t
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(t)
+            mask[i, : len(seq)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def _row(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        p = self._ids(format_prompt(prompt), self.max_prompt_len)
+        t = self._ids(" " + target.strip(), self.max_target_len - 1) + [self.llm_tokenizer.eos_token_id]
+        return p, t
+
+    # ------------------------------------------------------------ training inputs
+    def instruction_for(self, batch: dict, i: int, rng: random.Random) -> str:
+        given = batch.get("instruction", [None] * len(batch["caption"]))[i]
+        return given or rng.choice(CAPTION_INSTRUCTIONS)
+
+    def stage1_inputs(self, batch: dict, rng: random.Random, vqa_prob: float = 0.0) -> dict[str, torch.Tensor]:
+        instructions, rows = [], []
+        for i, caption in enumerate(batch["caption"]):
+            qa = batch.get("qa", [[]] * len(batch["caption"]))[i]
+            if qa and rng.random() < vqa_prob:
+                item = rng.choice(qa)
+                instr = self.router.question_prompt(item["question"])
+                rows.append(self._row(instr, item["answer"]))
+            else:
+                instr = self.instruction_for(batch, i, rng)
+                rows.append(self._row(instr, caption))
+            instructions.append(instr)
+        out = self._pad_right(rows)
+        out["adapter_index"] = torch.zeros(len(rows), dtype=torch.long)
+        out["row_sample"] = torch.arange(len(rows))
+        return self._with_visual_inputs(out, batch, instructions)
+
+    def stage2_inputs(self, batch: dict, rng: random.Random, expert_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Rows for the experts in `expert_ids` (global ids; adapter slot = position in that list)."""
+        instructions, rows, slots, samples = [], [], [], []
+        for i in range(len(batch["caption"])):
+            instr = self.instruction_for(batch, i, rng)
+            instructions.append(instr)
+            prompts = self.router.caption_prompts(instr)
+            parts = batch["parts"][i] or {}
+            for slot, eid in enumerate(expert_ids):
+                rows.append(self._row(prompts[eid], parts.get(self.experts[eid], "")))
+                slots.append(slot)
+                samples.append(i)
+        out = self._pad_right(rows)
+        out["adapter_index"] = torch.tensor(slots, dtype=torch.long)
+        out["row_sample"] = torch.tensor(samples, dtype=torch.long)
+        return self._with_visual_inputs(out, batch, instructions)
+
+    def _with_visual_inputs(self, out: dict, batch: dict, instructions: list[str]) -> dict[str, torch.Tensor]:
+        out["pixel_values"] = batch["pixel_values"]
+        out["qformer_input_ids"], out["qformer_attention_mask"] = self.encode_instructions(instructions)
+        return out
+
+    # ------------------------------------------------------------ generation inputs
+    def generation_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids (generation continues right after each prompt)."""
+        seqs = [self._ids(format_prompt(p), self.max_prompt_len) for p in prompts]
+        length = max(len(s) for s in seqs)
+        pad = self.llm_tokenizer.pad_token_id
+        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, length - len(s) :] = torch.tensor(s)
+            mask[i, length - len(s) :] = 1
+        return ids, mask
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,123 @@
+"""Model: batched multi-adapter forward/generate equal per-expert runs and plain peft; router; composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from rsmoe.config import load_config
+from rsmoe.inference import caption
+from rsmoe.models import TemplateRouter, build_model, compose_caption
+from rsmoe.models.lora import adapters_active
+from rsmoe.processor import Processor
+
+
+@pytest.fixture(scope="module")
+def stage2_model():
+    args = load_config("tiny")
+    model, llm_tok, q_tok = build_model(args.model, seed=0)
+    model.to_stage2([0, 1, 2], seed=0)
+    model.expert_names = list(args.model.experts)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-trivial adapters (B starts at zero)
+        for p in model.experts.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    proc = Processor(llm_tok, q_tok, args.model.experts, 40, 48, 24)
+    return model.eval(), proc
+
+
+def test_build_is_deterministic_under_seed():
+    args = load_config("tiny")
+    a, _, _ = build_model(args.model, seed=3)
+    b, _, _ = build_model(args.model, seed=3)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_trainable_sets_per_stage():
+    args = load_config("tiny")
+    model, _, _ = build_model(args.model, seed=0)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"visual.qformer", "visual.proj", "experts.base"}  # base = only its lora_ params
+    assert all(".lora_" in n for n, p in model.experts.named_parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in model.visual.vision.parameters())
+    model.to_stage2([0, 1, 2], seed=0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names)
+
+
+def test_batched_rows_equal_one_expert_at_a_time(stage2_model):
+    model, _ = stage2_model
+    torch.manual_seed(0)
+    rows, q, h = 6, 8, model.experts.hidden_size
+    prefix = torch.randn(rows, q, h)
+    ids = torch.randint(5, 100, (rows, 10))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    slots = torch.tensor([0, 1, 2, 2, 0, 1])
+    loss, tokens = model.experts(prefix, ids, mask, labels, slots)
+    for r in range(rows):
+        l1, _ = model.experts(prefix[r : r + 1], ids[r : r + 1], mask[r : r + 1], labels[r : r + 1], slots[r : r + 1])
+        torch.testing.assert_close(loss[r], l1[0], rtol=1e-5, atol=1e-5)
+    assert tokens.tolist() == [10] * rows
+    # Different adapters really give different results on the same row.
+    same_row = model.experts(prefix[:1].repeat(3, 1, 1), ids[:1].repeat(3, 1), mask[:1].repeat(3, 1), labels[:1].repeat(3, 1), torch.tensor([0, 1, 2]))[0]
+    assert len({round(float(x), 5) for x in same_row}) == 3
+
+
+def test_exported_adapter_matches_plain_peft(stage2_model, tmp_path):
+    model, _ = stage2_model
+    base_cfg = model.experts.base.config
+    plain = LlamaForCausalLM(base_cfg)
+    missing, unexpected = plain.load_state_dict(model.experts.base_state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    ids = torch.randint(5, 100, (2, 12))
+    for slot in range(3):
+        d = model.experts.save_adapter(slot, tmp_path / f"expert{slot}")
+        peft_model = PeftModel.from_pretrained(LlamaForCausalLM(base_cfg), d)
+        peft_model.base_model.model.load_state_dict(
+            {k.replace(".weight", ".base_layer.weight") if _is_target(k, model) else k: v
+             for k, v in model.experts.base_state_dict().items()},
+            strict=False,
+        )
+        with torch.no_grad(), adapters_active(model.experts.lora_layers, torch.full((2,), slot)):
+            ours = model.experts.base(input_ids=ids).logits
+        theirs = peft_model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def _is_target(key: str, model) -> bool:
+    return any(key == f"{p}.weight" for p in model.experts.lora_layers)
+
+
+def test_batched_generation_equals_experts_in_turn(stage2_model):
+    model, proc = stage2_model
+    pixels = torch.randn(2, 3, 64, 64)
+    batched = caption(model, proc, pixels, ["Describe this image in detail.", None], sequential=False)
+    in_turn = caption(model, proc, pixels, ["Describe this image in detail.", None], sequential=True)
+    assert batched == in_turn
+    assert set(batched[0]["experts"]) == {"theme", "objects", "relations"}
+
+
+def test_router_prompts_and_question_routing():
+    r = TemplateRouter(["theme", "objects", "relations"])
+    prompts = r.caption_prompts("Describe this image.")
+    assert len(prompts) == 3 and all(p.startswith("Describe this image.") for p in prompts)
+    assert len(set(prompts)) == 3
+    assert r.route_question("How many buildings are there?", "count") == "objects"
+    assert r.route_question("Are there more roads than buildings?", "comp") == "relations"
+    assert r.route_question("Is it a rural or an urban area?", "rural_urban") == "theme"
+    assert r.route_question("Is there a road next to the river?") == "relations"
+    assert r.route_question("How many ships are there?") == "objects"
+
+
+def test_compose_orders_and_dedupes():
+    parts = {
+        "relations": "A road runs along the river.",
+        "theme": "This is an aerial image of a harbour. Many boats.",
+        "objects": "Many boats. there are two piers",
+    }
+    out = compose_caption(parts, ["theme", "objects", "relations"])
+    assert out == "This is an aerial image of a harbour. Many boats. there are two piers. A road runs along the river."

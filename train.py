@@ -1,0 +1,8 @@
+"""`deepspeed train.py --deepspeed ds_configs/zero3.json --config demo --stage 1 ...` (see `rsmoe train --help`)."""
+
+import sys
+
+from rsmoe.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

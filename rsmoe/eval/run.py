@@ -1,0 +1,521 @@
+"""`rsmoe eval`: score a trained RS-MoE on shards (captioning and VQA) and write a report.
+
+    rsmoe eval --model runs/demo/stage2 --shards "data/shards/sample/val-*.tar"
+    torchrun --nproc_per_node 4 -m rsmoe.cli eval --model runs/x/stage2 --shards "rsvqa/test-*.tar" --task vqa
+
+Captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE reported unavailable offline) against the
+sample's `references` (its `caption` when it has none). VQA: exact-match accuracy per question
+type and overall; RSVQA-LR/HR samples (by their `dataset` field) also get the literature's
+protocol average (LR: presence, comparison, rural_urban; HR: presence, comparison; count and area
+apart). Each dataset gets its own section, labelled zero-shot or fine-tuned. 95% bootstrap
+intervals. Writes results.json, report.html and report.md (every image: the experts'
+sub-captions, the composed caption, the references, the VQA rows) and prints the tables.
+
+Distributed: under torchrun / srun each rank evaluates a disjoint share of the samples (the
+loader's eval mode: sample i goes to rank i % world_size) with a plain model (no DeepSpeed
+engine); rank 0 gathers the generations, checks that every sample arrived exactly once, and
+scores. Scores equal a single-process run's: items are put back in shard order before scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rsmoe import inference
+from rsmoe.serve import UserError, Trained, load_trained, pick_device
+
+log = logging.getLogger("rsmoe.eval")
+
+PROTOCOL_BY_DATASET = {"RSVQA-LR": "LR", "RSVQA-HR": "HR"}
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    shards: str
+    task: str = "both"
+    """'caption', 'vqa' or 'both'."""
+    protocol: str = "auto"
+    """'auto' (RSVQA-LR/HR protocol by the samples' dataset), 'rsvqa-lr', 'rsvqa-hr' (for every dataset) or 'none'."""
+    out: str | None = None
+    """Report folder; default <run>/eval/<shard folder name>."""
+    batch_size: int = 8
+    vqa_batch_size: int = 32
+    num_beams: int = 1
+    max_new_tokens: int = 48
+    vqa_max_new_tokens: int = 8
+    repetition_penalty: float = 1.0
+    limit: int = 0
+    """Evaluate only the first N samples of the shards (in shard order); 0 = all."""
+    questions_per_image: int = 0
+    """Score only the first N questions of each image; 0 = all."""
+    setting: str | None = None
+    """'zero-shot' / 'fine-tuned' for every dataset; None = per dataset, from the run's training manifest."""
+    bootstrap: int = 1000
+    seed: int = 0
+    meteor: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    instruction: str | None = None
+    sequential: bool = False
+    num_workers: int = 0
+    thumbnails: bool = True
+    java: bool | None = None
+    """None = detect (tests pass False to simulate a machine without Java)."""
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- world
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size); initialises a gloo group under a launcher."""
+    from rsmoe.distributed import world_info_from_env
+
+    info = world_info_from_env()
+    if info.world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        # gloo only carries Python objects (the generations); the model never syncs.
+        dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
+    return info.rank, info.local_rank, info.world_size
+
+
+# ---------------------------------------------------------------- the sample index
+
+
+def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]:
+    """(global index, key, dataset) of every valid record, in the loader's eval order.
+
+    The global index counts every sample group of every shard, valid or not (as the loader's eval
+    mode does), so `index % world_size` is the rank that evaluates it. Images are not decoded.
+    """
+    from rsmoe.data.loader import iter_tar_groups, parse_group
+
+    out: list[tuple[int, str, str]] = []
+    index = 0
+    counts: Counter[str] = Counter()
+    for url in urls:
+        for key, group in iter_tar_groups(url, counts):
+            if limit and index >= limit:
+                return out
+            s = parse_group(url, key, group, counts)
+            if s is not None:
+                out.append((index, key, s["record"]["dataset"]))
+            index += 1
+    return out
+
+
+# ---------------------------------------------------------------- setting (zero-shot / fine-tuned)
+
+
+def training_datasets(model_dir: Path) -> set[str] | None:
+    """Datasets this model (both stages) was trained on, from the shard manifests; None if unknown."""
+    import yaml
+
+    from rsmoe.data.shards import read_manifest
+
+    seen: set[str] = set()
+    cfg_files = [model_dir / "config.yaml"]
+    init = (yaml.safe_load(cfg_files[0].read_text()) or {}).get("init_from")
+    if init:
+        for cand in (Path(init) / "final" / "config.yaml", Path(init) / "config.yaml"):
+            if cand.exists():
+                cfg_files.append(cand)
+                break
+        else:
+            return None
+    for f in cfg_files:
+        patterns = str(((yaml.safe_load(f.read_text()) or {}).get("data") or {}).get("train_shards", ""))
+        for pat in [p.strip() for p in patterns.split("::") if p.strip()]:
+            manifest = read_manifest(Path(pat).parent)
+            if manifest is None or "datasets" not in manifest:
+                return None
+            seen |= {d for d, splits in manifest["datasets"].items() if splits.get("train")}
+    return seen
+
+
+def settings_for(datasets: list[str], model_dir: Path, forced: str | None) -> dict[str, str]:
+    if forced:
+        return {d: forced for d in datasets}
+    trained_on = training_datasets(model_dir)
+    if trained_on is None:
+        return {d: "unspecified (pass --setting)" for d in datasets}
+    return {d: "fine-tuned" if d in trained_on else "zero-shot" for d in datasets}
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _thumbnail(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> bytes:
+    """The model's input image, un-normalised, as a PNG of at most 192 px (for the report)."""
+    from PIL import Image
+
+    arr = pixels.float().numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+    im = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    im.thumbnail((192, 192))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vqa_gen) -> list[dict[str, Any]]:
+    """One report item per sample of `batch`: expert sub-captions, composed caption, VQA rows."""
+    n = len(batch["key"])
+    items: list[dict[str, Any]] = [
+        {"key": batch["key"][i], "dataset": batch["dataset"][i], "references": list(batch["references"][i])} for i in range(n)
+    ]
+    pixels = batch["pixel_values"]
+    if opts.task in ("caption", "both"):
+        instr = [opts.instruction or x for x in batch["instruction"]]
+        caps = inference.caption(trained.model, trained.processor, pixels, instr, cap_gen, sequential=opts.sequential)
+        for item, c in zip(items, caps):
+            item["experts"], item["caption"] = dict(c["experts"]), c["caption"]
+    if opts.task in ("vqa", "both"):
+        rows = []
+        for i in range(n):
+            qas = batch["qa"][i][: opts.questions_per_image] if opts.questions_per_image else batch["qa"][i]
+            rows += [(i, q) for q in qas]
+            items[i]["qa"] = []
+        for start in range(0, len(rows), opts.vqa_batch_size):
+            chunk = rows[start : start + opts.vqa_batch_size]
+            answers = inference.answer(
+                trained.model, trained.processor, pixels[[i for i, _ in chunk]],
+                [q["question"] for _, q in chunk], [q.get("type") for _, q in chunk], vqa_gen,
+            )
+            for (i, q), a in zip(chunk, answers):
+                items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
+                                       "prediction": a["answer"], "expert": a["expert"]})
+    if opts.thumbnails:
+        v = trained.cfg.model.vision
+        for i, item in enumerate(items):
+            item["image_png"] = _thumbnail(pixels[i], v.image_mean, v.image_std)
+    return items
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Report sections (see rsmoe.eval.report) for every dataset, plus 'all' when there are several."""
+    from rsmoe.eval.bootstrap import caption_intervals, rsvqa_average_ci, vqa_intervals
+    from rsmoe.eval.caption_metrics import java_status, score_captions
+    from rsmoe.eval.report import caption_section, vqa_section
+    from rsmoe.eval.vqa_metrics import normalize_answer, rsvqa_protocol, vqa_accuracy
+
+    sections: dict[str, Any] = {}
+    warnings: list[str] = []
+    datasets = sorted({it["dataset"] for it in items})
+    groups = [(d, [it for it in items if it["dataset"] == d]) for d in datasets]
+    if len(datasets) > 1:
+        groups.append(("all", items))
+
+    def label(name: str) -> str:
+        return settings[name] if name in settings else ", ".join(sorted({settings[d] for d in datasets}))
+
+    if opts.task in ("caption", "both"):
+        java_ok, java_reason = java_status(opts.java)
+        use_meteor = opts.meteor and java_ok
+        if opts.meteor and not java_ok:
+            warnings.append(f"METEOR unavailable ({java_reason}); BLEU, ROUGE-L and CIDEr are still reported")
+        meteor = None
+        if use_meteor:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            meteor = Meteor()  # one JVM for every section
+        try:
+            for name, group in groups:
+                cands = {it["key"]: it["caption"] for it in group}
+                refs = {it["key"]: it["references"] for it in group}
+                scores = score_captions(cands, refs, use_meteor=opts.meteor, java=opts.java if java_ok else False, meteor=meteor)
+                intervals = {}
+                if opts.bootstrap:
+                    intervals = caption_intervals(scores, n_resamples=opts.bootstrap,
+                                                  n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
+                sec = caption_section(scores, intervals, setting=label(name))
+                sec["dataset"] = name
+                sections[f"caption/{name}"] = sec
+        finally:
+            if meteor is not None:
+                proc = meteor.meteor_p
+                if proc.stdin:
+                    proc.stdin.close()
+                proc.kill()
+                proc.wait()
+
+    if opts.task in ("vqa", "both"):
+        for name, group in groups:
+            rows = [(f"{it['key']}#{j}", qa) for it in group for j, qa in enumerate(it.get("qa") or [])]
+            if not rows:
+                continue
+            preds = {k: qa["prediction"] for k, qa in rows}
+            answers = {k: qa["answer"] for k, qa in rows}
+            types = {k: qa["type"] or "unknown" for k, qa in rows}
+            acc = vqa_accuracy(preds, answers, types)
+            split = None
+            if opts.protocol in ("rsvqa-lr", "rsvqa-hr"):
+                split = opts.protocol[-2:].upper()
+            elif opts.protocol == "auto" and name != "all":
+                split = PROTOCOL_BY_DATASET.get(name.upper())
+            protocol = None
+            intervals = vqa_intervals(acc, n_resamples=opts.bootstrap, seed=opts.seed) if opts.bootstrap else {}
+            if split is not None:
+                try:
+                    protocol = rsvqa_protocol(preds, answers, types, split)
+                    if opts.bootstrap:
+                        lo, hi = rsvqa_average_ci(acc, split, n_resamples=opts.bootstrap, seed=opts.seed)
+                        intervals["rsvqa_average"] = {"low": lo, "high": hi, "method": "per-type resampling", "n_resamples": opts.bootstrap}
+                    if protocol["missing_types"]:
+                        warnings.append(f"vqa/{name}: no {protocol['missing_types']} questions; RSVQA-{split} average over the rest")
+                except ValueError as exc:
+                    warnings.append(f"vqa/{name}: RSVQA-{split} protocol not applied ({exc})")
+            sec = vqa_section(acc, protocol=protocol, intervals=intervals, setting=label(name))
+            sec["dataset"] = name
+            sections[f"vqa/{name}"] = sec
+        # Mark each row in the items, so the report does not recompute it differently.
+        for it in items:
+            for qa in it.get("qa") or []:
+                t = qa["type"] or "unknown"
+                gt = normalize_answer(qa["answer"], t)
+                qa["correct"] = gt != "" and normalize_answer(qa["prediction"], t) == gt
+    return sections, warnings
+
+
+# ---------------------------------------------------------------- main flow
+
+
+def default_out_dir(model_dir: Path, shards: str) -> Path:
+    first = shards.split("::")[0].strip()
+    name = Path(first).parent.name or "shards"
+    split = Path(first).name.split("-")[0].replace("*", "") or "eval"
+    return model_dir.parent / "eval" / f"{name}-{split}"
+
+
+def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
+    """Run the evaluation; returns the results dict on rank 0 (None on other ranks)."""
+    from tqdm import tqdm
+
+    from rsmoe.data.loader import build_loader, expand_shards
+    from rsmoe.serve import generation_args
+
+    if opts.task not in ("caption", "vqa", "both"):
+        raise UserError(f"--task must be caption, vqa or both, not '{opts.task}'")
+    if opts.protocol not in ("auto", "rsvqa-lr", "rsvqa-hr", "none"):
+        raise UserError(f"--protocol must be auto, rsvqa-lr, rsvqa-hr or none, not '{opts.protocol}'")
+    if opts.batch_size < 1 or opts.vqa_batch_size < 1:
+        raise UserError("--batch-size and --vqa-batch-size must be >= 1")
+    rank, local_rank, world = _world()
+    t0 = time.time()
+    try:
+        urls = sorted(expand_shards([p.strip() for p in opts.shards.split("::") if p.strip()]))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    index = scan_keys(urls, opts.limit)
+    if not index:
+        raise UserError(f"no valid sample in {len(urls)} shard(s) matching '{opts.shards}' (see the warnings above)")
+    dup = [k for k, n in Counter(k for _, k, _ in index).items() if n > 1]
+    if dup:
+        raise UserError(f"sample key(s) {dup[:3]} occur more than once in '{opts.shards}': keys must be unique to be scored")
+    mine = {k for i, k, _ in index if i % world == rank}
+
+    device = pick_device(opts.device, local_rank)
+    trained = load_trained(opts.model, device, opts.dtype)
+    ns = argparse.Namespace(num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens, repetition_penalty=opts.repetition_penalty)
+    cap_gen = generation_args(ns)
+    vqa_gen = generation_args(ns, opts.vqa_max_new_tokens)
+    v = trained.cfg.model.vision
+    loader = build_loader(urls, batch_size=opts.batch_size, image_size=v.image_size, image_mean=tuple(v.image_mean),
+                          image_std=tuple(v.image_std), rank=rank, world_size=world, num_workers=opts.num_workers)
+
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    bar = tqdm(total=len(mine), unit="img", desc=f"eval ({world} rank{'s' if world > 1 else ''})",
+               disable=rank != 0 or not opts.progress, dynamic_ncols=True, file=sys.stderr)
+    for batch in loader:
+        keep = [i for i, k in enumerate(batch["key"]) if k in mine and k not in seen]
+        if keep:
+            sub = {k: ([batch[k][i] for i in keep] if isinstance(batch[k], list) else batch[k][keep]) for k in batch}
+            sub["pixel_values"] = sub["pixel_values"].to(device)
+            items += generate_items(trained, sub, opts, cap_gen, vqa_gen)
+            seen.update(sub["key"])
+            bar.update(len(keep))
+        if seen >= mine:
+            break  # --limit: the rest of the shards is not ours to evaluate
+    bar.close()
+    corrupt = loader.stats().get("corrupt_image", 0)
+
+    gathered: list[tuple[list[dict[str, Any]], int]]
+    if world > 1:
+        gathered = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, (items, corrupt))
+    else:
+        gathered = [(items, corrupt)]
+    if rank != 0:
+        return None
+
+    all_items = [it for part, _ in gathered for it in part]
+    corrupt_total = sum(c for _, c in gathered)
+    keys = [it["key"] for it in all_items]
+    dups = [k for k, n in Counter(keys).items() if n > 1]
+    if dups:
+        raise RuntimeError(f"samples evaluated more than once across ranks: {dups[:5]}")
+    order = {k: n for n, (_, k, _) in enumerate(index)}
+    missing = [k for k in order if k not in set(keys)]
+    if len(missing) > corrupt_total:
+        raise RuntimeError(f"{len(missing)} sample(s) were not evaluated (only {corrupt_total} had corrupt images): {missing[:5]}")
+    if missing:
+        log.warning("%d sample(s) skipped for corrupt images: %s", len(missing), missing[:5])
+    all_items.sort(key=lambda it: order[it["key"]])
+    gen_s = time.time() - t0
+
+    datasets = sorted({it["dataset"] for it in all_items})
+    settings = settings_for(datasets, trained.model_dir, opts.setting)
+    sections, warnings = score_items(all_items, opts, settings)
+    for w in warnings:
+        log.warning("%s", w)
+    meta = {
+        "model": str(trained.model_dir),
+        "stage": trained.stage,
+        "experts": trained.experts,
+        "shards": opts.shards,
+        "n_shards": len(urls),
+        "n_images": len(all_items),
+        "n_questions": sum(len(it.get("qa") or []) for it in all_items),
+        "datasets": datasets,
+        "setting": settings,
+        "task": opts.task,
+        "protocol": opts.protocol,
+        "generation": {"num_beams": opts.num_beams, "max_new_tokens": opts.max_new_tokens,
+                       "vqa_max_new_tokens": opts.vqa_max_new_tokens, "repetition_penalty": opts.repetition_penalty,
+                       "decoding": "greedy" if opts.num_beams == 1 else f"beam search ({opts.num_beams} beams)",
+                       "experts": "in turn" if opts.sequential else "one batched generate call"},
+        "caption_instruction": opts.instruction or "the sample's instruction, else the router's default",
+        "vqa_prompt": trained.processor.router.question_prompt("<question>"),
+        "limit": opts.limit,
+        "questions_per_image": opts.questions_per_image,
+        "bootstrap_resamples": opts.bootstrap,
+        "bootstrap_seed": opts.seed,
+        "world_size": world,
+        "device": str(device),
+        "skipped_corrupt_images": missing,
+        "generation_seconds": round(gen_s, 2),
+        "warnings": warnings,
+    }
+    results = {"meta": meta, **sections}
+    out = Path(opts.out) if opts.out else default_out_dir(trained.model_dir, opts.shards)
+    from rsmoe.eval.report import write_report
+
+    paths = write_report(out, results, all_items)
+    results["_paths"] = {k: str(p) for k, p in paths.items()}
+    return results
+
+
+# ---------------------------------------------------------------- printing
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    lines = []
+    for name, sec in results.items():
+        if not isinstance(sec, dict) or "metrics" not in sec:
+            continue
+        n = f"{sec['n_images']} images" if "n_images" in sec else f"{sec.get('n', 0)} questions"
+        lines.append(f"{name}  ({sec.get('setting', '')}, {n})")
+        lines.append(f"  {'metric':<16}{'x100':>8}  95% CI")
+        for metric, value in sec["metrics"].items():
+            iv = sec.get("intervals", {}).get(metric)
+            ci = f"[{iv['low'] * 100:6.2f}, {iv['high'] * 100:6.2f}]" if iv else ""
+            count = sec.get("n_per_type", {}).get(metric)
+            extra = f"  (n={count})" if count is not None else ""
+            lines.append(f"  {metric:<16}{value * 100:>8.2f}  {ci}{extra}")
+        for metric, reason in sec.get("unavailable", {}).items():
+            lines.append(f"  {metric:<16}{'n/a':>8}  {reason}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run directory (uses <run>/final) or a model directory")
+    p.add_argument("--shards", required=True, help="webdataset shard pattern(s) (brace/glob; several joined by ' :: ')")
+    p.add_argument("--task", default="both", choices=["caption", "vqa", "both"])
+    p.add_argument("--protocol", default="auto", choices=["auto", "rsvqa-lr", "rsvqa-hr", "none"],
+                   help="RSVQA average: auto = by each sample's dataset (RSVQA-LR / RSVQA-HR)")
+    p.add_argument("--out", default=None, help="report folder (default <run>/eval/<shard folder>-<split>)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per caption generate call (x experts rows)")
+    p.add_argument("--vqa-batch-size", type=int, default=32, help="questions per VQA generate call")
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default), >1 = beam search")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="caption length limit per expert")
+    p.add_argument("--vqa-max-new-tokens", type=int, default=8, help="answer length limit")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=0, help="only the first N samples of the shards (0 = all)")
+    p.add_argument("--questions-per-image", type=int, default=0, help="only the first N questions of each image (0 = all)")
+    p.add_argument("--setting", choices=["zero-shot", "fine-tuned"], default=None,
+                   help="label for every dataset (default: per dataset, fine-tuned if the run trained on it)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the JVM start)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--instruction", default=None, help="caption instruction for every image (default: the sample's or the router's)")
+    p.add_argument("--sequential", action="store_true", help="experts generate in turn (baseline) instead of one batched call")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image decoding")
+    p.add_argument("--no-thumbnails", action="store_true", help="leave images out of the report")
+
+
+def options_from_cli(ns: argparse.Namespace) -> EvalOptions:
+    return EvalOptions(
+        model=ns.model, shards=ns.shards, task=ns.task, protocol=ns.protocol, out=ns.out, batch_size=ns.batch_size,
+        vqa_batch_size=ns.vqa_batch_size, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
+        vqa_max_new_tokens=ns.vqa_max_new_tokens, repetition_penalty=ns.repetition_penalty, limit=ns.limit,
+        questions_per_image=ns.questions_per_image, setting=ns.setting, bootstrap=ns.bootstrap, seed=ns.seed,
+        meteor=not ns.no_meteor, device=ns.device, dtype=ns.dtype, instruction=ns.instruction,
+        sequential=ns.sequential, num_workers=ns.num_workers, thumbnails=not ns.no_thumbnails,
+    )
+
+
+def run(ns: argparse.Namespace) -> int:
+    from rsmoe.distributed import world_info_from_env
+    from rsmoe.logger import setup_logging
+
+    rank = world_info_from_env().rank
+    setup_logging(rank)
+    try:
+        results = evaluate(options_from_cli(ns))
+    except UserError as exc:
+        print(f"rsmoe eval: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if results is not None:
+        print(format_tables(results))
+        for w in results["meta"]["warnings"]:
+            print(f"warning: {w}")
+        print(f"report: {results['_paths']['html']}  (also {results['_paths']['md']}, {results['_paths']['json']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rsmoe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

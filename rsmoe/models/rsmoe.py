@@ -155,10 +155,27 @@ def build_tokenizers(m: ModelArgs):
     if llm_tok.pad_token is None:
         llm_tok.pad_token = llm_tok.eos_token
     q_path = m.qformer.tokenizer or m.qformer.path or m.qformer.bert_init or llm_tok_path
-    q_tok = AutoTokenizer.from_pretrained(str(_resolve(q_path)))
+    q_dir = _resolve(q_path)
+    if not m.qformer.tokenizer and m.qformer.path and (q_dir / "qformer_tokenizer").is_dir():
+        q_dir = q_dir / "qformer_tokenizer"  # InstructBLIP keeps the BERT tokenizer there; the top level is the LLM's
+    q_tok = AutoTokenizer.from_pretrained(str(q_dir))
     if q_tok.pad_token is None:
         q_tok.pad_token = q_tok.eos_token or q_tok.unk_token
     return llm_tok, q_tok
+
+
+_INSTRUCTBLIP_CACHE: dict[str, dict] = {}
+
+
+def _instructblip_parts(path: str) -> dict:
+    """Read a local InstructBLIP checkpoint once, even when vision and Q-Former both come from it."""
+    from rsmoe.models.loading import load_instructblip_visual
+
+    key = str(_resolve(path))
+    if key not in _INSTRUCTBLIP_CACHE:
+        _INSTRUCTBLIP_CACHE.clear()
+        _INSTRUCTBLIP_CACHE[key] = load_instructblip_visual(key)
+    return _INSTRUCTBLIP_CACHE[key]
 
 
 def _build_vision(m: ModelArgs) -> nn.Module:
@@ -168,9 +185,7 @@ def _build_vision(m: ModelArgs) -> nn.Module:
 
         return EfficientNetEncoder(str(_resolve(v.path)) if v.path else None)
     if v.path:
-        from rsmoe.models.loading import load_instructblip_visual
-
-        return VisionTokens(load_instructblip_visual(str(_resolve(v.path)))["vision_model"])
+        return VisionTokens(_instructblip_parts(v.path)["vision_model"])
     cfg = InstructBlipVisionConfig(
         hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size,
@@ -185,9 +200,7 @@ def _build_vision(m: ModelArgs) -> nn.Module:
 def _build_qformer(m: ModelArgs, vision_hidden: int, qformer_vocab: int) -> QFormer:
     q = m.qformer
     if q.path:
-        from rsmoe.models.loading import load_instructblip_visual
-
-        parts = load_instructblip_visual(str(_resolve(q.path)))
+        parts = _instructblip_parts(q.path)
         qf = QFormer(parts["qformer"].config, q.num_query_tokens)
         qf.qformer = parts["qformer"]
         if parts["query_tokens"].shape[1] != q.num_query_tokens:
@@ -196,6 +209,20 @@ def _build_qformer(m: ModelArgs, vision_hidden: int, qformer_vocab: int) -> QFor
                 f"{parts['query_tokens'].shape[1]} query tokens"
             )
         qf.query_tokens.data.copy_(parts["query_tokens"])
+        return qf
+    if q.bert_init:
+        from rsmoe.models.loading import init_qformer_from_bert, qformer_config_from_bert
+
+        # Shapes come from the BERT checkpoint (hidden, heads, vocab); the preset's sizes must agree.
+        cfg = qformer_config_from_bert(
+            str(_resolve(q.bert_init)),
+            encoder_hidden_size=vision_hidden,
+            cross_attention_frequency=q.cross_attention_frequency,
+        )
+        cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+        qf = QFormer(cfg, q.num_query_tokens)
+        report = init_qformer_from_bert(qf.qformer, str(_resolve(q.bert_init)))
+        log.info("Q-Former initialised from %s: %d tensors loaded", q.bert_init, len(report["loaded"]))
         return qf
     cfg = InstructBlipQFormerConfig(
         vocab_size=qformer_vocab,
@@ -210,13 +237,7 @@ def _build_qformer(m: ModelArgs, vision_hidden: int, qformer_vocab: int) -> QFor
         attention_probs_dropout_prob=0.0,
         max_position_embeddings=max(512, q.max_instruction_len + q.num_query_tokens),
     )
-    qf = QFormer(cfg, q.num_query_tokens)
-    if q.bert_init:
-        from rsmoe.models.loading import init_qformer_from_bert
-
-        report = init_qformer_from_bert(qf.qformer, str(_resolve(q.bert_init)))
-        log.info("Q-Former initialised from %s: %d tensors loaded", q.bert_init, len(report["loaded"]))
-    return qf
+    return QFormer(cfg, q.num_query_tokens)
 
 
 def _build_base_llm(m: ModelArgs, vocab_size: int, pad_id: int) -> nn.Module:
@@ -263,6 +284,19 @@ def build_model(m: ModelArgs, seed: int, tokenizers=None) -> tuple[RSMoE, object
         seed=seed,
     )
     visual = VisualPrefix(vision, qformer, experts.hidden_size)
+    if m.qformer.path:
+        from rsmoe.models.loading import check_projection_shapes
+
+        # InstructBLIP-Vicuna's projection is 4096 wide; in front of another LLM width it is re-initialised.
+        proj = check_projection_shapes(
+            _instructblip_parts(m.qformer.path)["language_projection_state"],
+            qformer_hidden_size=qformer.hidden_size,
+            llm_hidden_size=experts.hidden_size,
+            reinit_on_mismatch=True,
+        )
+        if proj is not None:
+            visual.proj.load_state_dict(proj)
+    _INSTRUCTBLIP_CACHE.clear()
     model = RSMoE(visual, experts, ["llm"])
     model.trainable_stage1()
     return model, llm_tok, q_tok

@@ -1,0 +1,238 @@
+"""`rsmoe eval` end to end on a tiny trained run: metrics, report, VQA scoring, 2 ranks == 1 process."""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, free_port
+
+_RUN: dict[str, Path] = {}
+
+
+def tiny_run(sample_shards: dict) -> dict[str, Path]:
+    """A tiny Stage I + Stage II run, trained once per test session (shared with test_serve.py)."""
+    if _RUN:
+        return _RUN
+    from rsmoe.config import load_config
+    from rsmoe.distributed import shutdown_distributed
+    from rsmoe.train import train
+
+    root = Path(tempfile.mkdtemp(prefix="rsmoe-eval-run-"))
+    atexit.register(shutil.rmtree, root, True)
+    saved = {k: os.environ.get(k) for k in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ["MASTER_PORT"] = str(free_port())
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(k, None)
+    common = [f"data.train_shards={sample_shards['train']}", f"data.val_shards={sample_shards['val']}",
+              f"deepspeed_config={os.path.join(REPO, 'ds_configs', 'zero2.json')}", "train.steps=6",
+              "train.num_eval_samples=0", "optim.lr=3e-3"]
+    try:
+        for extra in ([f"run_dir={root / 'stage1'}"], ["stage=2", f"run_dir={root / 'stage2'}", f"init_from={root / 'stage1'}"]):
+            try:
+                train(load_config("tiny", common + extra))
+            finally:
+                shutdown_distributed()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _RUN.update(stage1=root / "stage1", stage2=root / "stage2")
+    return _RUN
+
+
+@pytest.fixture(scope="module")
+def run_dirs(sample_shards) -> dict[str, Path]:
+    return tiny_run(sample_shards)
+
+
+def _opts(**kw):
+    from rsmoe.eval.run import EvalOptions
+
+    base = dict(max_new_tokens=10, vqa_max_new_tokens=4, bootstrap=50, progress=False, meteor=False)
+    base.update(kw)
+    return EvalOptions(**base)
+
+
+def test_eval_writes_every_metric_and_every_expert_text(run_dirs, sample_shards, tmp_path):
+    from rsmoe.eval.run import evaluate
+
+    out = tmp_path / "report"
+    res = evaluate(_opts(model=str(run_dirs["stage2"]), shards=sample_shards["val"], out=str(out),
+                         questions_per_image=4, meteor=True))
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) >= {"meta", "caption/UCM-Captions", "caption/RSVQA-LR", "caption/RSVQA-HR", "caption/all",
+                          "vqa/RSVQA-LR", "vqa/RSVQA-HR", "vqa/all", "items"}
+    ucm = saved["caption/UCM-Captions"]
+    assert {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(ucm["metrics"])
+    assert "METEOR" in ucm["metrics"] or "needs Java" in ucm["unavailable"]["METEOR"]
+    assert "SPICE" in ucm["unavailable"] or "SPICE" in ucm["metrics"]
+    assert set(ucm["intervals"]) == set(ucm["metrics"])
+    assert ucm["n_images"] == 21 and ucm["setting"] == "fine-tuned"  # the run trained on UCM-Captions
+    lr = saved["vqa/RSVQA-LR"]
+    assert {"overall", "presence", "comparison", "rural_urban", "count", "rsvqa_average"} <= set(lr["metrics"])
+    assert "rsvqa_average" in lr["intervals"] and lr["protocol"]["protocol"].startswith("RSVQA-LR")
+    assert "rsvqa_average" not in saved["vqa/all"]["metrics"]
+    assert saved["meta"]["n_images"] == 34 and saved["meta"]["n_questions"] == 13 * 4
+
+    items = saved["items"]
+    assert [it["key"] for it in items][:3] == ["RSVQA-LR_10", "RSVQA-LR_24", "RSVQA-LR_26"]  # shard order
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for it in items:
+        assert set(it["experts"]) == {"theme", "objects", "relations"}
+        assert it["references"]
+        assert f"### {it['key']}" in md
+        for name, text in it["experts"].items():
+            assert f"| {name} | {text.replace('|', chr(92) + '|')}" in md
+    assert html.count("<div class='item'>") == 34 and html.count("data:image/png;base64,") == 34
+    assert res["_paths"]["html"] == str(out / "report.html")
+
+
+def test_two_ranks_give_the_same_results_as_one_process(run_dirs, sample_shards, tmp_path):
+    from rsmoe.eval.run import evaluate
+
+    # Python tokenisation on both sides (no JVM starts): this test is about generation and gathering.
+    args = dict(questions_per_image=3, batch_size=3, vqa_batch_size=7, java=False)
+    one = tmp_path / "one"
+    evaluate(_opts(model=str(run_dirs["stage2"]), shards=sample_shards["val"], out=str(one), **args))
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RSMOE_EVAL_NO_JAVA": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "rsmoe.cli", "eval", "--model", str(run_dirs["stage2"]), "--shards", sample_shards["val"],
+           "--out", str(two), "--max-new-tokens", "10", "--vqa-max-new-tokens", "4", "--bootstrap", "50",
+           "--no-meteor", "--questions-per-image", "3", "--batch-size", "3", "--vqa-batch-size", "7"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "caption/UCM-Captions" in proc.stdout and "report:" in proc.stdout
+    a, b = json.loads((one / "results.json").read_text()), json.loads((two / "results.json").read_text())
+    assert b["meta"]["world_size"] == 2 and a["meta"]["world_size"] == 1
+    sections = [k for k in a if k not in ("meta", "items")]
+    assert sections == [k for k in b if k not in ("meta", "items")]
+    for k in sections:
+        assert a[k]["metrics"] == b[k]["metrics"], k
+        assert a[k]["intervals"] == b[k]["intervals"], k
+    assert a["items"] == b["items"]  # every sample once, same generations, same order
+    assert len({it["key"] for it in b["items"]}) == 34
+
+
+def test_limit_takes_the_first_samples_in_shard_order(run_dirs, sample_shards, tmp_path):
+    from rsmoe.eval.run import evaluate, scan_keys
+    from rsmoe.data.loader import expand_shards
+
+    res = evaluate(_opts(model=str(run_dirs["stage1"]), shards=sample_shards["val"], out=str(tmp_path), limit=5,
+                         task="caption", bootstrap=0, thumbnails=False))
+    first = [k for _, k, _ in scan_keys(sorted(expand_shards(sample_shards["val"])))][:5]
+    items = json.loads((tmp_path / "results.json").read_text())["items"]
+    assert [it["key"] for it in items] == first
+    assert all(set(it["experts"]) == {"llm"} for it in items)  # a Stage I model has one expert
+    assert res["meta"]["stage"] == 1 and res["caption/RSVQA-LR"]["intervals"] == {}
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# question -> (type, ground truth, what the patched generator answers, correct after normalisation?)
+SYNTHETIC = {
+    "RSVQA-LR": [
+        ("Is a road present?", "presence", "yes", "Yes.", True),
+        ("Is a farm present?", "presence", "no", "yes", False),
+        ("Are there more roads than houses?", "comp", "yes", "yes, there are", True),
+        ("Are there less water areas than roads?", "comp", "no", "No", True),
+        ("Is it a rural or an urban area", "rural_urban", "rural", "urban", False),
+        ("How many roads are there?", "count", "2", "two", True),
+        ("How many houses are there?", "count", "between 11 and 100", "12", False),
+    ],
+    "RSVQA-HR": [
+        ("Is there a building?", "presence", "yes", "yes", True),
+        ("Is the number of roads equal to the number of houses?", "comp", "no", "yes", False),
+        ("What is the area covered by buildings?", "area", "10m2", "10 m2", True),
+    ],
+}
+
+
+def test_vqa_scores_match_a_hand_computation(run_dirs, tmp_path, monkeypatch):
+    from rsmoe import inference
+    from rsmoe.data.schema import Sample
+    from rsmoe.data.shards import write_shards
+    from rsmoe.eval.run import evaluate
+
+    samples = []
+    for ds, rows in SYNTHETIC.items():
+        for j in range(2):  # the questions are split over two images per dataset
+            qa = [{"question": q, "type": t, "answer": a} for q, t, a, _, _ in rows[j::2]]
+            rec = {"caption": "A test image.", "parts": {"theme": "A test image.", "objects": "", "relations": ""},
+                   "qa": qa, "dataset": ds, "split": "test", "image_id": f"{ds}{j}"}
+            samples.append(Sample(f"{ds}_{j}", _png(len(samples)), "png", rec))
+    write_shards(samples, tmp_path / "shards")
+    predictions = {q: p for rows in SYNTHETIC.values() for q, _, _, p, _ in rows}
+
+    def fake_answer(model, processor, pixel_values, questions, types=None, gen=None):
+        assert pixel_values.shape[0] == len(questions)
+        return [{"answer": predictions[q], "expert": "objects"} for q in questions]
+
+    monkeypatch.setattr(inference, "answer", fake_answer)
+    res = evaluate(_opts(model=str(run_dirs["stage2"]), shards=str(tmp_path / "shards" / "test-*.tar"), task="vqa",
+                         out=str(tmp_path / "out"), setting="zero-shot", vqa_batch_size=3))
+    lr, hr, both = res["vqa/RSVQA-LR"], res["vqa/RSVQA-HR"], res["vqa/all"]
+    assert lr["metrics"]["presence"] == 0.5 and lr["metrics"]["comparison"] == 1.0
+    assert lr["metrics"]["rural_urban"] == 0.0 and lr["metrics"]["count"] == 0.5
+    assert lr["metrics"]["count_bucketed"] == 1.0  # 2 vs "two": same bucket; 12 is "between 11 and 100"
+    assert lr["metrics"]["rsvqa_average"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # count left out
+    assert lr["metrics"]["overall"] == pytest.approx(4 / 7)
+    assert hr["metrics"]["rsvqa_average"] == pytest.approx((1.0 + 0.0) / 2)  # area left out
+    assert hr["metrics"]["area"] == 1.0 and hr["metrics"]["overall"] == pytest.approx(2 / 3)
+    assert both["metrics"]["overall"] == pytest.approx(6 / 10) and "rsvqa_average" not in both["metrics"]
+    assert lr["setting"] == "zero-shot" and hr["n_per_type"] == {"area": 1, "comparison": 1, "presence": 1}
+    rows = [qa for it in json.loads((tmp_path / "out" / "results.json").read_text())["items"] for qa in it["qa"]]
+    expected = {q: ok for rows_ in SYNTHETIC.values() for q, _, _, _, ok in rows_}
+    assert len(rows) == 10 and all(r["correct"] == expected[r["question"]] for r in rows)
+
+    plain = evaluate(_opts(model=str(run_dirs["stage2"]), shards=str(tmp_path / "shards" / "test-*.tar"), task="vqa",
+                           out=str(tmp_path / "out2"), protocol="none", bootstrap=0))
+    assert "rsvqa_average" not in plain["vqa/RSVQA-LR"]["metrics"]
+    assert plain["vqa/RSVQA-LR"]["metrics"]["overall"] == lr["metrics"]["overall"]
+
+
+def test_without_java_meteor_is_unavailable_and_the_rest_is_scored(run_dirs, sample_shards, tmp_path, capsys):
+    from rsmoe.eval.run import evaluate
+
+    res = evaluate(_opts(model=str(run_dirs["stage2"]), shards=sample_shards["val"], out=str(tmp_path), limit=6,
+                         task="caption", meteor=True, java=False, bootstrap=0, thumbnails=False))
+    sec = res["caption/RSVQA-LR"]
+    assert "needs Java" in sec["unavailable"]["METEOR"]
+    assert {"BLEU-4", "ROUGE-L", "CIDEr"} <= set(sec["metrics"])
+    assert any("METEOR unavailable" in w for w in res["meta"]["warnings"])
+
+
+def test_cli_errors_are_one_clear_line(run_dirs, sample_shards, tmp_path, capsys):
+    from rsmoe.cli import main
+
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--shards", sample_shards["val"]]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--model", str(tmp_path / "empty"), "--shards", sample_shards["val"]]) == 2
+    assert "is not an rsmoe model" in capsys.readouterr().err
+    assert main(["eval", "--model", str(run_dirs["stage2"]), "--shards", str(tmp_path / "none-*.tar")]) == 2
+    err = capsys.readouterr().err
+    assert "matched no file" in err and len(err.strip().splitlines()) == 1

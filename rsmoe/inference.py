@@ -28,15 +28,23 @@ class GenerationArgs:
 
     def kwargs(self, processor: Processor) -> dict:
         tok = processor.llm_tokenizer
-        return dict(
+        out = dict(
             max_new_tokens=self.max_new_tokens,
             num_beams=self.num_beams,
             do_sample=False,
-            repetition_penalty=self.repetition_penalty,
             length_penalty=self.length_penalty,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
+        if self.repetition_penalty != 1.0:
+            from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+            # Not generate(repetition_penalty=...): with inputs_embeds and left padding, transformers
+            # skips each row's first <n_pad> *generated* tokens, so a row's output would depend on
+            # how long the other prompts in its batch are. The prompt is embeddings, so only
+            # generated tokens are penalised either way.
+            out["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty))])
+        return out
 
 
 def _generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, sequential):

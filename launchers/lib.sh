@@ -159,9 +159,12 @@ rsmoe_exec_torchrun() {
         fi
         rdzv=(--nnodes "$NODES" --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
     fi
-    # torchrun handles these signals by forwarding them to the ranks and waiting before SIGKILL.
-    export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2}
-    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+    # torchrun forwards these signals to the ranks and waits this long before SIGKILL. Without
+    # SIGUSR2 in the list, USR2 kills torchrun itself and leaves the ranks running unsupervised.
+    # (PET_* are torchrun's --signals-to-handle/--shutdown-timeout; TORCHELASTIC_SIGNALS_TO_HANDLE is
+    # overwritten by torchrun from that option.)
+    export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2}
+    export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-600}
     unset RANK LOCAL_RANK WORLD_SIZE
     rsmoe_note "stage $stage: $NODES node(s) x $GPUS $DEVICE rank(s), config $CONFIG -> $RUN_DIR (resumes from checkpoints/latest if present)"
     exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$GPUS" \

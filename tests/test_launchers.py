@@ -36,7 +36,7 @@ def test_shellcheck_clean():
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in SCRUB}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "PET_")) and k not in SCRUB}
     env.update(DEVICE="cpu", PYTHON=sys.executable, CONFIG="tiny")
     env.pop("CUDA_VISIBLE_DEVICES", None)  # the launcher must hide GPUs itself on DEVICE=cpu
     env.update(extra)

@@ -51,10 +51,17 @@ def test_stage1_two_cpu_ranks_checkpoint_when_launcher_is_signalled(sample_shard
     cmd = ["bash", "launchers/stage1.sh", f"data.train_shards={sample_shards['train']}", "train.steps=40",
            "checkpoint.every=1000", "train.num_eval_samples=0"]
     with open(tmp_path / "out.log", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_until(lambda: len(metric_steps(run_dir)) >= 2, proc, 300, "two training steps")
-        proc.send_signal(signal.SIGUSR2)
-        proc.wait(timeout=300)
+        # Own session: the ranks can be cleaned up as a group if the test fails.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: len(metric_steps(run_dir)) >= 2, proc, 300, "two training steps")
+            proc.send_signal(signal.SIGUSR2)  # to torchrun only, not to its process group
+            proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     log = (tmp_path / "out.log").read_text()
     assert "stage 1: 1 node(s) x 2 cpu rank(s)" in log and "world 2 = ep 1 x dp 2 | cpu" in log
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()

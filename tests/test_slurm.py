@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,16 @@ FAKE = Path(REPO) / "tests" / "fake_slurm"
 SCRUB = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DS_ACCELERATOR",
          "CONFIG", "RUN_ROOT", "RUN_DIR", "INIT_FROM", "DS_CONFIG", "GPUS", "NODES", "DEVICE", "MODEL",
          "EVAL_SHARDS", "EVAL_ARGS", "EVAL", "SBATCH_ARGS", "SRUN_ARGS", "RSMOE_REPO", "PYTHON", "DRY_RUN")
+
+
+def kill_leftover_tasks(state: Path) -> None:
+    """A failed test must not leave ranks running on a shared machine (the fake tasks are session leaders)."""
+    pgids = state / "step.pgids"
+    for line in pgids.read_text().split() if pgids.exists() else []:
+        try:
+            os.killpg(int(line), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def fake_slurm_env(state: Path, job_id: int, **extra: str) -> dict[str, str]:
@@ -81,11 +92,14 @@ def test_sbatch_preempt_checkpoint_requeue_then_resume(sample_shards, tmp_path):
     cmd = ["bash", "slurm/stage1.sbatch", f"data.train_shards={sample_shards['train']}", "train.steps=40",
            "checkpoint.every=1000", "train.log_every=1", "train.num_eval_samples=0", "data.num_workers=1"]
     log_path = tmp_path / "slurm-4242.out"  # what --output=RUN_DIR/logs/slurm-%j.out --open-mode=append gives
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: len(metric_steps(run_dir)) >= 2, proc, 300, "two training steps")
-        subprocess.run(["scancel", "--signal=USR2", "4242"], env=env, check=True, timeout=30)
-        rc = proc.wait(timeout=300)
+    try:
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            wait_until(lambda: len(metric_steps(run_dir)) >= 2, proc, 300, "two training steps")
+            subprocess.run(["scancel", "--signal=USR2", "4242"], env=env, check=True, timeout=30)
+            rc = proc.wait(timeout=300)
+    finally:
+        kill_leftover_tasks(state)
     first = log_path.read_text()
     assert rc == 3, first[-4000:]  # not success: afterok dependents must wait for the requeued run
     assert "world 2 = ep 1 x dp 2" in first
@@ -100,8 +114,11 @@ def test_sbatch_preempt_checkpoint_requeue_then_resume(sample_shards, tmp_path):
 
     # SLURM reruns the requeued job: same script, same environment, SLURM_RESTART_COUNT=1.
     env["SLURM_RESTART_COUNT"] = "1"
-    with open(log_path, "a") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400).returncode
+    try:
+        with open(log_path, "a") as log:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400).returncode
+    finally:
+        kill_leftover_tasks(state)
     second = log_path.read_text()[len(first):]
     assert rc == 0, second[-4000:]
     assert f"resuming from: {run_dir}/checkpoints/{tag}" in second

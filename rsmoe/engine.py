@@ -34,8 +34,13 @@ def resolve_precision(args: TrainArgs) -> str:
     return p
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def load_ds_json(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        p = REPO_ROOT / p  # presets name ds_configs/*.json relative to the checkout; jobs may start elsewhere
     if not p.exists():
         raise ConfigError(f"DeepSpeed config '{p}' not found: pass --deepspeed ds_configs/zero2.json (or zero3.json)")
     try:

@@ -337,6 +337,16 @@ class _ShardStream(IterableDataset):
             yield {"_skipped": dict(counts), "_stats_only": True}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001
+    # A job-wide SIGTERM/SIGUSR2 (SLURM preemption) must reach the trainer, not kill the workers it
+    # still needs to finish the step and write its checkpoint. torch installs its own worker SIGTERM
+    # handler after the fork, so this has to run here, in worker_init_fn.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -393,7 +403,8 @@ class Loader:
         self._consumed = skip
         if self.num_workers > 0:
             source: Any = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
-                                     collate_fn=_identity, persistent_workers=False)
+                                     collate_fn=_identity, persistent_workers=False,
+                                     worker_init_fn=_ignore_stop_signals)
         else:
             source = self._stream
         for item in source:

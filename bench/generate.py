@@ -1,0 +1,118 @@
+"""Caption generation throughput: all experts in ONE batched generate call vs experts in turn.
+
+Both modes run in the same process on the same model and images, alternating, best of
+`--repeats`. A Stage II model is built from a preset with random adapters (no training needed:
+the cost of generation does not depend on the weights' values). Every row generates exactly
+`--max-new-tokens` tokens (min_new_tokens = max_new_tokens) so both modes do the same work; pass
+`--free-length` to let rows stop at EOS instead.
+
+    python bench/generate.py                              # tiny preset, random weights, CPU
+    python bench/generate.py --config demo --images 8     # real SmolLM2-135M (rsmoe assets --prepare smollm2-135m-instruct)
+
+Prints a table: captions/s (one caption = every expert's sub-caption + the composed caption),
+generated tokens/s, and the speed-up of batched over in-turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+from rsmoe.config import load_config
+from rsmoe.data.loader import preprocess_image
+from rsmoe.data.sample import sample_root
+from rsmoe.inference import GenerationArgs, caption
+from rsmoe.models import build_model
+from rsmoe.processor import Processor
+
+
+class FixedLength(GenerationArgs):
+    """Every row generates exactly max_new_tokens, so batched and in-turn do equal work."""
+
+    def kwargs(self, processor):
+        out = super().kwargs(processor)
+        out["min_new_tokens"] = self.max_new_tokens
+        return out
+
+
+def load_images(n: int, cfg) -> torch.Tensor:
+    v = cfg.model.vision
+    files = sorted(sample_root().rglob("images/*.png"))[:n]
+    if not files:
+        raise SystemExit("no sample images found under data/sample")
+    mean, std = np.asarray(v.image_mean, np.float32), np.asarray(v.image_std, np.float32)
+    arrs = [preprocess_image(files[i % len(files)].read_bytes(), v.image_size, mean, std) for i in range(n)]
+    return torch.from_numpy(np.stack(arrs))
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", help="preset (tiny: random weights; demo: real SmolLM2-135M)")
+    ap.add_argument("--images", type=int, default=16, help="images per measurement")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8], help="images per generate call (one row per expert each)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--num-beams", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--free-length", action="store_true", help="stop rows at EOS (work then differs between modes)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    cfg = load_config(a.config)
+    m = cfg.model
+    model, llm_tok, q_tok = build_model(m, seed=0)
+    n_exp = len(m.experts)
+    model.to_stage2(list(range(n_exp)), seed=0)
+    model.expert_names = list(m.experts)
+    # Non-zero adapters, so each row really uses its own expert's weights.
+    with torch.no_grad():
+        for p in model.experts.lora_parameters():
+            p.normal_(0, 0.02)
+    dev = torch.device(a.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model.to(dev, dtype).eval()
+    proc = Processor(llm_tok, q_tok, m.experts, m.max_prompt_len, m.max_target_len, m.qformer.max_instruction_len)
+    pixels = load_images(a.images, cfg)
+    gen_cls = GenerationArgs if a.free_length else FixedLength
+    gen = gen_cls(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams)
+
+    def run_all(bs: int, sequential: bool) -> None:
+        for s in range(0, a.images, bs):
+            caption(model, proc, pixels[s : s + bs].to(dev), None, gen, sequential=sequential)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+    print(f"# config={a.config} device={dev} ({platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}) "
+          f"experts={n_exp} images={a.images} max_new_tokens={a.max_new_tokens} beams={a.num_beams} "
+          f"length={'free (EOS)' if a.free_length else 'fixed'} best of {a.repeats}")
+    header = f"| {'batch':>5} | {'mode':<24} | {'captions/s':>10} | {'tokens/s':>9} | {'speed-up':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    run_all(a.batch_size[0], False)  # warm-up (lazy init, allocator)
+    for bs in a.batch_size:
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(a.repeats):
+            for sequential in (False, True):  # alternate so drift hits both modes alike
+                best[sequential] = min(best[sequential], timed(lambda: run_all(bs, sequential)))
+        tokens = a.images * n_exp * a.max_new_tokens
+        for sequential, label in ((True, "experts in turn"), (False, "batched (one call)")):
+            t = best[sequential]
+            speed = best[True] / t
+            tok = f"{tokens / t:9.1f}" if not a.free_length else f"{'~':>9}"
+            print(f"| {bs:>5} | {label:<24} | {a.images / t:>10.2f} | {tok} | {speed:>7.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

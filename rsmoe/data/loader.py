@@ -60,6 +60,10 @@ SKIP_REASONS = ("corrupt_image", "missing_image", "bad_json", "invalid_record", 
 _warned: set[str] = set()
 
 
+class NoValidDataError(RuntimeError):
+    """Every shard this worker may read yields no valid sample: waiting longer would hang the run."""
+
+
 def _skip(counts: Counter[str], reason: str, where: str, detail: str = "") -> None:
     counts[reason] += 1
     if reason not in _warned:  # once per reason per process: a bad shard must not flood the log
@@ -285,8 +289,9 @@ class _ShardStream(IterableDataset):
                     yield s
                 barren = 0 if got else barren + 1
                 if barren >= max(20, 3 * len(pool)):
-                    raise RuntimeError(f"no valid sample in {barren} consecutive reads of {pool[:3]}...; "
-                                       f"skip counts so far: {dict(counts)}")
+                    raise NoValidDataError(f"no valid sample in {barren} consecutive shard reads of {pool[:3]}"
+                                           f"{'...' if len(pool) > 3 else ''} (skips so far: {dict(counts)}); "
+                                           "fix or re-convert these shards, or drop them from data.train_shards")
 
         produced = 0
         batch: list[dict[str, Any]] = []

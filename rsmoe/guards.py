@@ -36,10 +36,11 @@ class TrainingHalted(RuntimeError):
 
 def one_line(exc: BaseException) -> str:
     """The user-facing line of an exception (DataLoader workers wrap the original in a traceback)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError quotes its str
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
-    last = lines[-1] if len(lines) > 1 and "Traceback" in str(exc) else lines[0]
+    last = lines[-1] if len(lines) > 1 and "Traceback" in text else lines[0]
     return re.sub(r"^[\w.]+(Error|Exception|Halted): ", "", last)
 
 

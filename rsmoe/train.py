@@ -75,6 +75,7 @@ def run(ns: argparse.Namespace) -> int:
     try:
         train(args_from_cli(ns))
     except USER_ERRORS + HALTS as exc:
+        _close_progress_bars()  # else the error line is glued to the end of a half-drawn bar
         # Config and NaN errors are identical on every rank: print once. Data errors can be rank-local.
         if rank == 0 or isinstance(exc, NoValidDataError):
             print(f"rsmoe train: error: {guards.one_line(exc)}", file=sys.stderr)
@@ -82,6 +83,13 @@ def run(ns: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()
     return 0
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 # ---------------------------------------------------------------- pieces

@@ -296,10 +296,19 @@ class _ShardStream(IterableDataset):
         produced = 0
         batch: list[dict[str, Any]] = []
         it = samples()
+        # Samples whose JSON parses but whose image never decodes keep `samples()` busy forever; a run of
+        # failures this long means (nearly) nothing is decodable: stop with a clear error, not a spin.
+        failed, max_failed = 0, 1000 + 2 * c.shuffle_buffer
         while produced < quota:
             s = self._decode(next(it), counts)
             if s is None:
+                failed += 1
+                if failed >= max_failed:
+                    raise NoValidDataError(f"{failed} consecutive samples of {pool[:3]}{'...' if len(pool) > 3 else ''} "
+                                           f"had undecodable images (skips so far: {dict(counts)}); "
+                                           "fix or re-convert these shards, or drop them from data.train_shards")
                 continue
+            failed = 0
             batch.append(s)
             if len(batch) == c.batch_size:
                 out = collate(batch)

@@ -253,7 +253,10 @@ def fsync_tree(path: Path) -> None:
     """Flush every file under `path` and the directories themselves to disk (power loss, not just kill -9)."""
     for root, dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except FileNotFoundError:  # another rank's temp file, renamed meanwhile; its writer syncs it
+                continue
             try:
                 os.fsync(fd)
             finally:

@@ -34,8 +34,8 @@ def deepspeed_safe_globals() -> list[Any]:
 
 
 def _describe(exc: Exception) -> str:
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-    return m.group(1) if m else str(exc).splitlines()[0][:200]
+    m = re.search(r"GLOBAL (\S+)", str(exc))  # "Unsupported global: GLOBAL x" / "unsupported GLOBAL x whose module"
+    return f"global {m.group(1)}" if m else "unsupported pickle content"
 
 
 @contextlib.contextmanager

@@ -76,9 +76,10 @@ def run(ns: argparse.Namespace) -> int:
         train(args_from_cli(ns))
     except USER_ERRORS + HALTS as exc:
         _close_progress_bars()  # else the error line is glued to the end of a half-drawn bar
-        # Config and NaN errors are identical on every rank: print once. Data errors can be rank-local.
-        if rank == 0 or isinstance(exc, NoValidDataError):
-            print(f"rsmoe train: error: {guards.one_line(exc)}", file=sys.stderr)
+        # Config and NaN errors are identical on every rank: print once. Others can be rank-local.
+        if rank == 0 or not isinstance(exc, (ConfigError, guards.TrainingHalted)):
+            where = f"[rank {rank}] " if rank else ""
+            print(f"rsmoe train: error: {where}{guards.one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, USER_ERRORS) else 1
     finally:
         shutdown_distributed()

@@ -26,12 +26,12 @@ from rsmoe import faults, guards, preemption
 from rsmoe.checkpoint import CheckpointManager, export_final, load_model_dir
 from rsmoe.config import ConfigError, TrainArgs, dump_config, from_dict, load_config
 from rsmoe.data.loader import NoValidDataError
-from rsmoe.safe_load import UnsafeCheckpointError
 from rsmoe.distributed import ParallelLayout, device_type, init_distributed, shutdown_distributed
 from rsmoe.engine import build_engine, load_ds_json, resolve_precision
 from rsmoe.logger import MetricLogger, setup_logging
 from rsmoe.models.rsmoe import RSMoE, build_model
 from rsmoe.processor import Processor
+from rsmoe.safe_load import UnsafeCheckpointError
 
 log = logging.getLogger("rsmoe.train")
 INTERMIXED_ARGS = True  # dotted overrides may sit between options

@@ -27,6 +27,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from rsmoe import faults, guards
+from rsmoe.safe_load import restricted_unpickling
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -43,7 +46,10 @@ def _barrier() -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -105,10 +111,13 @@ class CheckpointManager:
         tag_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tag_dir / f"train_state_rank{rank}.json", json.dumps(train_state))
         torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+        guards.fsync_tree(tag_dir)  # COMPLETE must never reach the disk before the state it vouches for
+        faults.fire("before_complete", step)
         _barrier()
         if _is_rank0():
-            (tag_dir / COMPLETE).write_text(str(step))
+            atomic_write_text(tag_dir / COMPLETE, str(step))
             atomic_write_text(self.dir / "latest", tag)
+            guards.fsync_dir(self.dir)
             self._purge()
         _barrier()
         return tag
@@ -116,8 +125,10 @@ class CheckpointManager:
     def _purge(self) -> None:
         tags = self.complete_tags()
         for old in tags[: max(0, len(tags) - self.keep)]:
+            (self.dir / old / COMPLETE).unlink(missing_ok=True)  # first: a half-deleted tag must not look complete
             shutil.rmtree(self.dir / old, ignore_errors=True)
 
+    @restricted_unpickling()  # DeepSpeed calls torch.load(weights_only=False); refuse arbitrary pickles
     def load(self, engines: list, subdirs: list[str] | None = None) -> dict[str, Any] | None:
         """Restore engines + this rank's train state + RNG from the latest complete tag (None if none)."""
         tag = self.latest_tag()

@@ -35,6 +35,14 @@ def world_info_from_env() -> WorldInfo:
     return WorldInfo(0, 0, 1)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,7 +56,10 @@ def init_distributed(backend: str = "auto", port: int | None = None) -> WorldInf
     env.setdefault("LOCAL_RANK", str(info.local_rank))
     env.setdefault("WORLD_SIZE", str(info.world_size))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(port or 29500))
+    if "MASTER_PORT" not in env:
+        # A launcher-less single process owns its store: a fixed port would make two such runs on one
+        # machine (or a relaunch while the killed run's port lingers) fail with EADDRINUSE.
+        env["MASTER_PORT"] = str(port or (_free_port() if info.world_size == 1 else 29500))
     if device_type() == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
     if dist.is_initialized():

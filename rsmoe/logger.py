@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,10 +43,29 @@ def setup_logging(rank: int, log_file: str | Path | None = None, level: int = lo
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep rows with step <= last_step (and drop a line cut short by a kill), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 class MetricLogger:
     """Appends {step, ...} to metrics.jsonl and mirrors scalars/text to TensorBoard. No-op off rank 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: the step the run (re)starts from; rows logged after it by a run that died before
+        its next checkpoint are dropped (they are about to be recomputed) from metrics.jsonl and TensorBoard."""
         self.enabled = enabled
         self.writer = None
         self.file = None
@@ -53,11 +73,14 @@ class MetricLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_jsonl(run_dir / "metrics.jsonl", resume_step)
         self.file = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import resource
 import sys
@@ -21,14 +22,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rsmoe import preemption
+from rsmoe import faults, guards, preemption
 from rsmoe.checkpoint import CheckpointManager, export_final, load_model_dir
 from rsmoe.config import ConfigError, TrainArgs, dump_config, from_dict, load_config
+from rsmoe.data.loader import NoValidDataError
 from rsmoe.distributed import ParallelLayout, device_type, init_distributed, shutdown_distributed
 from rsmoe.engine import build_engine, load_ds_json, resolve_precision
 from rsmoe.logger import MetricLogger, setup_logging
 from rsmoe.models.rsmoe import RSMoE, build_model
 from rsmoe.processor import Processor
+from rsmoe.safe_load import UnsafeCheckpointError
 
 log = logging.getLogger("rsmoe.train")
 INTERMIXED_ARGS = True  # dotted overrides may sit between options
@@ -62,17 +65,32 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_intermixed_args(argv))
 
 
+# Errors a user fixes (exit 2) and deliberate stops (exit 1): one line on stderr, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, UnsafeCheckpointError)
+HALTS = (guards.TrainingHalted, NoValidDataError)
+
+
 def run(ns: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", 0))
     try:
-        args = args_from_cli(ns)
-    except ConfigError as exc:
-        print(f"rsmoe train: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        train(args)
+        train(args_from_cli(ns))
+    except USER_ERRORS + HALTS as exc:
+        _close_progress_bars()  # else the error line is glued to the end of a half-drawn bar
+        # Config and NaN errors are identical on every rank: print once. Others can be rank-local.
+        if rank == 0 or not isinstance(exc, (ConfigError, guards.TrainingHalted)):
+            where = f"[rank {rank}] " if rank else ""
+            print(f"rsmoe train: error: {where}{guards.one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, USER_ERRORS) else 1
     finally:
         shutdown_distributed()
     return 0
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 # ---------------------------------------------------------------- pieces
@@ -197,6 +215,7 @@ def log_generations(engine, processor: Processor, batch, args: TrainArgs, metric
 
 
 def train(args: TrainArgs) -> dict:
+    guards.preflight(args)  # paths, layout, DeepSpeed JSON: fail in a second, before any heavy work
     info = init_distributed(args.distributed.backend)
     run_dir = Path(args.run_dir)
     setup_logging(info.rank, run_dir / "logs" / f"train_rank{info.rank}.log")
@@ -218,6 +237,8 @@ def train(args: TrainArgs) -> dict:
     loader = build_train_loader(args, args.model.vision, layout)
     ckpt = CheckpointManager(run_dir, keep=args.checkpoint.keep)
     state = {"step": 0, "samples": 0, "tokens": 0, "data": None}
+    if is_main:
+        guards.sweep_incomplete(ckpt.dir)
     if args.checkpoint.resume:
         restored = ckpt.load([engine])
         if restored:
@@ -227,7 +248,8 @@ def train(args: TrainArgs) -> dict:
 
     preemption.install()
     gen_batch = eval_batch(args) if args.train.num_eval_samples > 0 else None
-    metrics = MetricLogger(run_dir, enabled=is_main)
+    metrics = MetricLogger(run_dir, enabled=is_main, resume_step=state["step"])
+    guard = guards.NonFiniteGuard(engine, args.train.nan_tolerance)
     data_iter = iter(loader)
     names = model.expert_names
     grad_group = layout.mpu(args.stage).get_data_parallel_group()
@@ -251,8 +273,8 @@ def train(args: TrainArgs) -> dict:
             else:
                 inputs = processor.stage2_inputs(batch, rng, local_ids)
             inputs = to_device(inputs, engine.device)
-            out = engine(**inputs)
-            engine.backward(out["loss"])
+            out = faults.poison_loss(engine(**inputs), state["step"] + 1)
+            engine.backward(guard.loss_for_backward(out["loss"]))
             engine.step()
             loss_sum += out["expert_loss"].float().cpu()
             tokens += out["expert_tokens"].float().cpu()
@@ -266,11 +288,7 @@ def train(args: TrainArgs) -> dict:
         if dist.is_initialized() and dp_size > 1:
             dist.all_reduce(expert_loss, group=grad_group)
             expert_loss /= dp_size
-        if not torch.isfinite(expert_loss).all():
-            raise FloatingPointError(
-                f"non-finite loss at step {state['step']}: {expert_loss.tolist()}; last complete checkpoint: "
-                f"{ckpt.latest_tag() or 'none'}. Lower optim.lr or check the data."
-            )
+        guard.end_step(engine, state["step"], ckpt.latest_tag())  # skipped on every rank, or halts
         dt = time.time() - t0
         step_tokens = n_tokens * dp_size
         state["tokens"] += step_tokens
@@ -285,8 +303,10 @@ def train(args: TrainArgs) -> dict:
                 "speed/tokens_per_s": step_tokens / dt,
                 "speed/step_s": dt,
                 "memory/peak_gib": peak_memory_gib(),
+                "optim/skipped_steps": guard.skipped,
             }
-            scalars.update({f"data/{k}": float(v) for k, v in loader.stats().items()})
+            stats = guards.global_data_stats(loader, grad_group, engine.device)
+            scalars.update({f"data/{k}": v for k, v in stats.items()})
             metrics.log(state["step"], scalars)
         pbar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in last.items()})
         pbar.update(1)
@@ -304,6 +324,7 @@ def train(args: TrainArgs) -> dict:
             return {"step": state["step"], "preempted": True, **last}
         if state["step"] % args.checkpoint.every == 0 or state["step"] == args.train.steps:
             ckpt.save([engine], state["step"], {k: v for k, v in state.items() if k != "tag"})
+        faults.fire("after_step", state["step"])
     pbar.close()
 
     init_dir = final_dir_of(args.init_from) if args.stage == 2 else None

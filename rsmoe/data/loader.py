@@ -60,6 +60,10 @@ SKIP_REASONS = ("corrupt_image", "missing_image", "bad_json", "invalid_record", 
 _warned: set[str] = set()
 
 
+class NoValidDataError(RuntimeError):
+    """Every shard this worker may read yields no valid sample: waiting longer would hang the run."""
+
+
 def _skip(counts: Counter[str], reason: str, where: str, detail: str = "") -> None:
     counts[reason] += 1
     if reason not in _warned:  # once per reason per process: a bad shard must not flood the log
@@ -285,16 +289,26 @@ class _ShardStream(IterableDataset):
                     yield s
                 barren = 0 if got else barren + 1
                 if barren >= max(20, 3 * len(pool)):
-                    raise RuntimeError(f"no valid sample in {barren} consecutive reads of {pool[:3]}...; "
-                                       f"skip counts so far: {dict(counts)}")
+                    raise NoValidDataError(f"no valid sample in {barren} consecutive shard reads of {pool[:3]}"
+                                           f"{'...' if len(pool) > 3 else ''} (skips so far: {dict(counts)}); "
+                                           "fix or re-convert these shards, or drop them from data.train_shards")
 
         produced = 0
         batch: list[dict[str, Any]] = []
         it = samples()
+        # Samples whose JSON parses but whose image never decodes keep `samples()` busy forever; a run of
+        # failures this long means (nearly) nothing is decodable: stop with a clear error, not a spin.
+        failed, max_failed = 0, 1000 + 2 * c.shuffle_buffer
         while produced < quota:
             s = self._decode(next(it), counts)
             if s is None:
+                failed += 1
+                if failed >= max_failed:
+                    raise NoValidDataError(f"{failed} consecutive samples of {pool[:3]}{'...' if len(pool) > 3 else ''} "
+                                           f"had undecodable images (skips so far: {dict(counts)}); "
+                                           "fix or re-convert these shards, or drop them from data.train_shards")
                 continue
+            failed = 0
             batch.append(s)
             if len(batch) == c.batch_size:
                 out = collate(batch)

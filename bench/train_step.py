@@ -302,7 +302,13 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
     layout = ParallelLayout(n_experts=s.experts, ep=1, world_size=1, rank=0)
     layout.build_groups()
     model.to(dev)
-    engine, cfg = build_engine(model, args, layout, load_ds_json(REPO / "ds_configs" / f"zero{zero}.json"))
+    ds = load_ds_json(REPO / "ds_configs" / f"zero{zero[0]}.json")
+    if zero == "3naive":  # zero3.json before rsmoe's residency rule: DeepSpeed's per-tensor 1e5, per-module hooks
+        import rsmoe.engine
+
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 100000
+        rsmoe.engine.mark_frozen_resident_leaves = lambda model, resident: []
+    engine, cfg = build_engine(model, args, layout, ds)
     z = cfg["zero_optimization"]
     info["ds_zero"] = {k: z[k] for k in ("stage", "stage3_param_persistence_threshold", "stage3_model_persistence_threshold") if k in z}
     engine.train()
@@ -545,14 +551,14 @@ def plan(a) -> list[dict]:
 
 
 def print_table(results: list[dict], ceiling: float, ceiling_what: str) -> None:
-    hdr = f"{'impl':9} {'stage':5} {'zero':5} {'s/step':>8} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>9}  loss"
+    hdr = f"{'impl':9} {'stage':5} {'zero':6} {'s/step':>8} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>9}  loss"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if "error" in r:
-            print(f"{r['impl']:9} {r['stage']:<5} {r['zero']:5} ERROR {r['error']}")
+            print(f"{r['impl']:9} {r['stage']:<5} {r['zero']:6} ERROR {r['error']}")
             continue
-        print(f"{r['impl']:9} {r['stage']:<5} {r['zero']:5} {r['step_s']:8.3f} {r['wall_s']:8.3f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:10.0f} "
+        print(f"{r['impl']:9} {r['stage']:<5} {r['zero']:6} {r['step_s']:8.3f} {r['wall_s']:8.3f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:10.0f} "
               f"{r['tflops']:8.3f} {100 * r['tflops'] / ceiling:5.1f}% {r['peak_gib']:9.2f}  {r['loss']:.3f}")
     ok = [r for r in results if "error" not in r]
     print(f"\ns/step: {ok[0]['timing'] if ok else '-'} (median); wall s: median wall time; "
@@ -565,17 +571,18 @@ def print_table(results: list[dict], ceiling: float, ceiling_what: str) -> None:
                 print(f"stage {stage}: rsmoe zero={r['zero']} vs baseline: {r['samples_per_s'] / base['samples_per_s']:.2f}x samples/s, "
                       f"{r['peak_gib'] / base['peak_gib']:.2f}x peak memory")
         z2 = next((r for r in ours if r["zero"] == "2"), None)
-        z3 = next((r for r in ours if r["zero"] == "3"), None)
-        if z2 and z3:
-            print(f"stage {stage}: ZeRO-3 step / ZeRO-2 step = {z3['step_s'] / z2['step_s']:.2f}")
+        for z3 in (r for r in ours if r["zero"].startswith("3")):
+            if z2:
+                print(f"stage {stage}: ZeRO-{z3['zero']} step / ZeRO-2 step = {z3['step_s'] / z2['step_s']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    p.add_argument("--zero", nargs="+", default=["none", "2", "3"], choices=["none", "2", "3"],
-                   help="rsmoe runs: plain torch ('none') and/or one-rank DeepSpeed ZeRO-2/3 (ds_configs/zero*.json)")
+    p.add_argument("--zero", nargs="+", default=["none", "2", "3"], choices=["none", "2", "3", "3naive"],
+                   help="rsmoe runs: plain torch ('none') and/or one-rank DeepSpeed ZeRO-2/3 (ds_configs/zero*.json); "
+                        "'3naive' = zero3.json with DeepSpeed's default per-tensor persistence (1e5) instead of rsmoe's rule")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (rsmoe and baseline)")

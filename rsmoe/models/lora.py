@@ -51,9 +51,10 @@ class MultiLoRALinear(nn.Module):
     def _multi_adapter_delta(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """All adapters as two dense GEMMs: x @ [A_0;..;A_n]^T, zero the slices of other adapters, @ [B_0|..|B_n]^T.
 
-        Exact per row (the zeroed slices add exact zeros). Costs n x the (tiny, rank-r) LoRA FLOPs
-        but no per-row weight gather and no small batched matmuls: on CPU it measured faster than
-        gathering A[idx]/B[idx] + bmm and than a loop over adapters (bench/train_step.py --lora-micro).
+        Exact per row (the zeroed slices add exact zeros). Costs n x the (rank-r, ~1-2% of the
+        layer) LoRA FLOPs, but builds no per-row weight copies: gathering A[idx]/B[idx] saves a
+        (rows, in+out, r) tensor per layer for backward (~0.4 GB at the RS-MoE-1B shape, batch 16),
+        this saves (rows, L, n*r). Speed on CPU: on par with the gather (bench/train_step.py --lora-micro).
         """
         n, r = self.n_adapters, self.r
         h = F.linear(x, self.lora_A.reshape(n * r, -1))  # (rows, ..., n*r)

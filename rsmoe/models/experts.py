@@ -7,6 +7,7 @@ slots, so a rank holding a subset of experts (expert parallelism) uses the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -55,6 +56,25 @@ class ExpertLM(nn.Module):
         for layer_id, layer in enumerate(self.lora_layers.values()):
             for slot, eid in enumerate(self.expert_ids):
                 layer.init_adapter(slot, expert_generator(seed, eid, layer_id))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward, with the adapters that were active in its forward.
+
+        The adapter index is module state set only for the duration of the forward, so a plain
+        checkpoint would recompute the layer without the adapters (and torch fails on the
+        mismatch). `context_fn` captures the index at forward time and re-activates it for the
+        recomputation.
+        """
+        layers = self.lora_layers
+
+        def context_fn():
+            first = next(iter(layers.values()), None)
+            idx = first.adapter_index if first is not None else None
+            return contextlib.nullcontext(), adapters_active(layers, idx)
+
+        self.base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+        )
 
     def merge_and_reset(self, expert_ids: list[int], seed: int) -> None:
         """Stage I -> II: fold the single adapter into the base, then one fresh adapter per expert."""
@@ -126,6 +146,11 @@ class ExpertLM(nn.Module):
         rows, q = prefix.shape[:2]
         embeds = self.embed_rows(prefix, input_ids)
         mask = torch.cat([attention_mask.new_ones(rows, q), attention_mask], dim=1)
+        if is_right_padded(attention_mask):
+            # Causal attention never lets a real token see the right padding after it, and padded
+            # positions carry no loss: the plain causal mask gives the same loss and lets SDPA use
+            # its is_causal (flash) kernel instead of a materialised (rows, 1, L, L) mask.
+            mask = None
         with adapters_active(self.lora_layers, adapter_index):
             hidden = self.base.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         # Predict token t+1 from position t; only target positions go through the (large) LM head.
@@ -162,6 +187,12 @@ class ExpertLM(nn.Module):
         mask = torch.stack([torch.cat([mask[i, q : q + p], mask[i, :q], mask[i, q + p :]]) for i, p in enumerate(n_pad)])
         with adapters_active(self.lora_layers, adapter_index):
             return self.base.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros (positions are then 0..L-1 with or without the mask)."""
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
 def layer_paths(model: ExpertLM) -> list[str]:

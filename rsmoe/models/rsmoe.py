@@ -77,7 +77,15 @@ class VisualPrefix(nn.Module):
         self.vision.eval()  # frozen: no dropout, running stats untouched
         with torch.no_grad():
             image_embeds = self.vision(pixel_values.to(self.proj.weight.dtype))
+        if not self.trainable():
+            # Stage II: the prefix is a constant of (image, instruction); computed once per sample
+            # (rows index into it) and with no autograd bookkeeping.
+            with torch.no_grad():
+                return self.proj(self.qformer(image_embeds, input_ids, attention_mask))
         return self.proj(self.qformer(image_embeds, input_ids, attention_mask))
+
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.qformer.parameters()) or any(p.requires_grad for p in self.proj.parameters())
 
 
 class RSMoE(nn.Module):
@@ -258,7 +266,9 @@ def _build_base_llm(m: ModelArgs, vocab_size: int, pad_id: int) -> nn.Module:
         tie_word_embeddings=False,
         initializer_range=m.llm.init_std,
     )
-    cfg._attn_implementation = "sdpa"
+    from rsmoe.models.loading import _attn_implementation
+
+    cfg._attn_implementation = _attn_implementation(m.llm.attn_implementation)
     return LlamaForCausalLM(cfg)
 
 
@@ -272,8 +282,6 @@ def build_model(m: ModelArgs, seed: int, tokenizers=None) -> tuple[RSMoE, object
     vision = _build_vision(m)
     qformer = _build_qformer(m, vision.hidden_size, len(q_tok))
     base = _build_base_llm(m, len(llm_tok), llm_tok.pad_token_id)
-    if m.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     experts = ExpertLM(
         base,
         [0],
@@ -283,6 +291,8 @@ def build_model(m: ModelArgs, seed: int, tokenizers=None) -> tuple[RSMoE, object
         target_modules=m.lora.target_modules,
         seed=seed,
     )
+    if m.gradient_checkpointing:
+        experts.enable_gradient_checkpointing()
     visual = VisualPrefix(vision, qformer, experts.hidden_size)
     if m.qformer.path:
         from rsmoe.models.loading import check_projection_shapes

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One-H100 check of the training step at the RS-MoE-1B shape (DESIGN §7), ~5 minutes, <= 8.
+#
+# Runs bench/train_step.py --shape rsmoe-1b, bf16, batch 16, in one go:
+#   baseline (transformers + peft) Stage I and Stage II (3 model copies in turn),
+#   rsmoe Stage I (ZeRO-2), rsmoe Stage II: plain torch, ZeRO-2, ZeRO-3 (rsmoe's residency rule),
+#   ZeRO-3 as before the rule ("3naive": per-tensor persistence 1e5, per-module hooks),
+# plus the multi-adapter LoRA micro-benchmark. Table on stdout; JSON to $OUT/train_step_rsmoe-1b.json
+# when $OUT is set (else bench/out/). No assertion on time.
+#
+# PREPARATION (on a machine with internet, once; the GPU image has no DeepSpeed and no network):
+#   mkdir -p wheels && cd wheels
+#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8          # pure-Python wheel, no CUDA ops built
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       pydantic pydantic-core annotated-types typing-inspection hjson   # pydantic-core must be the cp312 wheel
+#   (also ninja/py-cpuinfo/msgpack/psutil/einops if the image lacks them: `python -c "import deepspeed"` says)
+# and put the folder at ./wheels (or point WHEELS=/path) so that it travels with the working tree.
+# This script installs them with `pip install --no-index --no-deps` when `import deepspeed` fails.
+# DeepSpeed's FusedAdam would JIT-build and fail on Hopper ("invalid literal for int() ... '0a'");
+# rsmoe hands DeepSpeed a torch AdamW(fused=True), so nothing is built. Should any op be built anyway,
+# TORCH_CUDA_ARCH_LIST=9.0 (set below) avoids that failure.
+#
+# Usage (repository root):  bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY="${PYTHON:-python}"
+OUTDIR="${OUT:-bench/out}"
+mkdir -p "$OUTDIR"
+WHEELS="${WHEELS:-wheels}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| cuda', torch.cuda.is_available())"
+
+ZERO="none 2 3 3naive"
+if ! $PY -c "import deepspeed" 2>/dev/null; then
+  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "installing DeepSpeed from $WHEELS (no index, no deps)"
+    $PY -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
+  fi
+fi
+if ! $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)"; then
+  echo "DeepSpeed unavailable (see the preparation notes at the top): running the plain-torch rows only"
+  ZERO="none"
+fi
+
+# Every configuration is its own process (clean peak memory); 180 s cap each.
+STAGE1="2"; [ "$ZERO" = "none" ] && STAGE1="none"
+timeout 460 $PY bench/train_step.py --shape rsmoe-1b --precision bf16 --zero $ZERO --stage1-zero $STAGE1 \
+  --warmup 3 --steps 8 --timeout 180 --lora-micro --json "$OUTDIR/train_step_rsmoe-1b.json" 2>&1 | tee "$OUTDIR/train_step_rsmoe-1b.txt"
+echo "exit ${PIPESTATUS[0]}"

@@ -160,8 +160,8 @@ class CheckpointManager:
             if not ds_dir.is_dir():
                 raise RuntimeError(f"checkpoint {tag} has no {ds_dir}: it was written with another expert layout "
                                    "(distributed.ep); resume with the layout it was written with")
+            universal.check_same_stage(engine, ds_dir)
             if universal.saved_dp_size(ds_dir) != engine.dp_world_size:
-                universal.check_same_stage(engine, ds_dir)
                 log.warning("%s: written by %d data-parallel ranks, loading into %d: reshaping through a universal "
                             "checkpoint", ds_dir, universal.saved_dp_size(ds_dir), engine.dp_world_size)
                 universal.load_universal(engine, ds_dir)

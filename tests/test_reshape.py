@@ -101,3 +101,9 @@ def test_one_rank_resumes_on_two(two_rank):
     _assert_same_state(got, two_rank["one_ref"], "ZeRO-3 1->2")
     assert "reshaping through a universal checkpoint" in two_rank["log"]
     assert max(_losses(two_rank["one"])) == 6 and (two_rank["one"] / "final" / "visual.safetensors").exists()
+
+
+def test_resume_with_another_zero_stage_is_a_clear_error(two_rank, sample_shards):
+    c3 = common(sample_shards["train"], sample_shards["val"], 3)
+    with pytest.raises(RuntimeError, match="was written with ZeRO-2 but this run uses ZeRO-3"):
+        _in_process(load_and_dump, load_config("tiny", c3 + [f"run_dir={two_rank['root'] / 'z2_parted'}"]))

@@ -33,6 +33,22 @@ from rsmoe.safe_load import restricted_unpickling
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+ENGINE_META = "rsmoe_engine.json"
+
+
+def engine_meta(module: torch.nn.Module) -> dict[str, Any]:
+    """What an engine's DeepSpeed states cover, so export can place them without knowing the layout:
+    the engine module's name prefix inside RSMoE and the global ids of the expert adapter slots it holds."""
+    from rsmoe.models.experts import ExpertLM
+    from rsmoe.models.rsmoe import RSMoE, VisualPrefix
+
+    if isinstance(module, RSMoE):
+        return {"prefix": "", "expert_ids": list(module.experts.expert_ids), "expert_names": list(module.expert_names)}
+    if isinstance(module, ExpertLM):
+        return {"prefix": "experts.", "expert_ids": list(module.expert_ids)}
+    if isinstance(module, VisualPrefix):
+        return {"prefix": "visual.", "expert_ids": []}
+    return {"prefix": "", "expert_ids": []}
 
 
 def _is_rank0() -> bool:
@@ -105,10 +121,13 @@ class CheckpointManager:
         _barrier()
         for i, engine in enumerate(engines):
             root = self.dir if not subdirs else self.dir / tag / subdirs[i]
-            engine.save_checkpoint(
-                str(root), tag=tag if not subdirs else "state", save_latest=False, exclude_frozen_parameters=True
-            )
+            ds_tag = tag if not subdirs else "state"
+            engine.save_checkpoint(str(root), tag=ds_tag, save_latest=False, exclude_frozen_parameters=True)
+            (root / ds_tag).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(root / ds_tag / ENGINE_META, json.dumps(engine_meta(engine.module)))
         tag_dir.mkdir(parents=True, exist_ok=True)
+        # grad_accum lets a resume on another rank count map the data position (rsmoe.universal).
+        train_state = {**train_state, "grad_accum": engines[0].gradient_accumulation_steps()}
         atomic_write_text(tag_dir / f"train_state_rank{rank}.json", json.dumps(train_state))
         torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
         guards.fsync_tree(tag_dir)  # COMPLETE must never reach the disk before the state it vouches for
@@ -130,30 +149,52 @@ class CheckpointManager:
 
     @restricted_unpickling()  # DeepSpeed calls torch.load(weights_only=False); refuse arbitrary pickles
     def load(self, engines: list, subdirs: list[str] | None = None) -> dict[str, Any] | None:
-        """Restore engines + this rank's train state + RNG from the latest complete tag (None if none)."""
+        """Restore engines + this rank's train state + RNG from the latest complete tag (None if none).
+
+        If an engine's data-parallel size differs from the one that wrote the tag (the job was
+        relaunched on another number of ranks), its states go through a universal checkpoint and the
+        per-rank train state is mapped to the new ranks (rsmoe.universal, docs/export.md).
+        """
+        from rsmoe import universal
+
         tag = self.latest_tag()
         if tag is None:
             return None
+        tag_dir = self.dir / tag
         rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        reshaped = False
         for i, engine in enumerate(engines):
             root = self.dir if not subdirs else self.dir / tag / subdirs[i]
+            ds_tag = tag if not subdirs else "state"
+            ds_dir = root / ds_tag
+            if not ds_dir.is_dir():
+                raise RuntimeError(f"checkpoint {tag} has no {ds_dir}: it was written with another expert layout "
+                                   "(distributed.ep); resume with the layout it was written with")
+            universal.check_same_stage(engine, ds_dir)
+            if universal.saved_dp_size(ds_dir) != engine.dp_world_size:
+                log.warning("%s: written by %d data-parallel ranks, loading into %d: reshaping through a universal "
+                            "checkpoint", ds_dir, universal.saved_dp_size(ds_dir), engine.dp_world_size)
+                universal.load_universal(engine, ds_dir)
+                reshaped = True
+                continue
             path, _ = engine.load_checkpoint(
                 str(root),
-                tag=tag if not subdirs else "state",
+                tag=ds_tag,
                 load_module_strict=False,  # frozen weights were excluded on save
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
             if path is None:
                 raise RuntimeError(f"could not load checkpoint {root}/{tag}: DeepSpeed found no state")
-        state_file = self.dir / tag / f"train_state_rank{rank}.json"
-        if not state_file.exists():
-            raise RuntimeError(
-                f"{state_file} is missing: checkpoint {tag} was written by a run with another number of ranks; "
-                "resume with the same number of ranks, or start from its exported model directory"
-            )
-        state = json.loads(state_file.read_text())
-        set_rng_state(torch.load(self.dir / tag / f"rng_rank{rank}.pt", weights_only=True))
+        saved_world = universal.saved_world_size(tag_dir)
+        if reshaped or saved_world != world:
+            grad_accum = engines[0].gradient_accumulation_steps()
+            state = universal.reshape_train_state(tag_dir, rank, world, saved_world, grad_accum)
+            set_rng_state(state.pop("_rng"))
+        else:
+            state = json.loads((tag_dir / f"train_state_rank{rank}.json").read_text())
+            set_rng_state(torch.load(tag_dir / f"rng_rank{rank}.pt", weights_only=True))
         state["tag"] = tag
         return state
 

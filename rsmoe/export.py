@@ -1,0 +1,419 @@
+"""`rsmoe export`: turn a run into standard files that plain transformers + peft load.
+
+    rsmoe export runs/demo/stage2 --out exports/demo               # from final/
+    rsmoe export runs/demo/stage2 --tag step00000050 --out x        # from a DeepSpeed checkpoint tag
+    rsmoe export runs/demo/stage2 --out exports/demo --merge        # + one full HF causal LM per expert
+
+The export directory (docs/export.md):
+  export.json / README.md      manifest: what each part is, where it came from, how to load it
+  config.yaml                  the run's resolved training config
+  visual/model.safetensors     qformer.*, query_tokens, language_projection.* (+ vision_model.* for a ViT),
+                               named as in InstructBlipForConditionalGeneration; config.json (ViT) or
+                               qformer_config.json; vision_encoder.safetensors for EfficientNet
+  base/                        the causal LM the adapters apply to (save_pretrained + tokenizer):
+                               Stage II = base LLM with the Stage I LoRA merged in; Stage I = the base LLM
+  adapters/<expert>/           one peft LoRA adapter per expert (Stage I: adapters/llm)
+  merged/<expert>/             --merge: base with that adapter merged (AutoModelForCausalLM + tokenizer)
+
+Nothing here needs a launcher or DeepSpeed's runtime: checkpoint tags are read with
+deepspeed.utils.zero_to_fp32 (any ZeRO stage, any number of ranks, per-expert engine folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsmoe.checkpoint import COMPLETE, ENGINE_META, CheckpointManager, load_model_dir
+from rsmoe.config import TrainArgs, dump_config, from_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rsmoe-export"
+FORMAT_VERSION = 1
+
+
+class ExportError(RuntimeError):
+    """A problem with the export's input that the user must fix; the message says what to do."""
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a run directory (uses its final/ unless --tag), or a final/ directory")
+    p.add_argument("--out", "-o", required=True, help="export directory to write (must not exist unless --overwrite)")
+    p.add_argument("--tag", help="read a checkpoint tag instead of final/: 'latest', 'step00000050' or '50'")
+    p.add_argument("--merge", action="store_true", help="also write merged/<expert>/: a full HF causal LM per expert")
+    p.add_argument("--experts", help="comma-separated expert names to export (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="rsmoe export", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(parser)
+        args = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s")
+    experts = [e.strip() for e in args.experts.split(",") if e.strip()] if args.experts else None
+    try:
+        out = export_run(args.source, args.out, tag=args.tag, merge=args.merge, experts=experts, overwrite=args.overwrite)
+    except (ExportError, FileNotFoundError) as exc:
+        print(f"rsmoe export: error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+# ---------------------------------------------------------------- locating the source
+
+
+@dataclass
+class Source:
+    run_dir: Path
+    args: TrainArgs
+    final_dir: Path | None = None
+    tag: str | None = None
+    step: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_config(path: Path) -> TrainArgs:
+    import yaml
+
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+def locate(source: str | Path, tag: str | None) -> Source:
+    p = Path(source)
+    if not p.exists():
+        raise ExportError(f"{p} does not exist: give a run directory (with final/ or checkpoints/) or a final/ directory")
+    if tag is None:
+        final = p / "final" if (p / "final" / "visual.safetensors").exists() else p
+        if not (final / "visual.safetensors").exists():
+            hint = " (it has checkpoints: add --tag latest)" if (p / "checkpoints").is_dir() else ""
+            raise ExportError(f"{p} has no final/visual.safetensors: the stage did not finish{hint}")
+        if not (final / "config.yaml").exists():
+            raise ExportError(f"{final} has no config.yaml: not a model directory written by rsmoe train")
+        return Source(run_dir=final.parent, args=_read_config(final / "config.yaml"), final_dir=final)
+    run_dir = p.parent if p.name == "final" else p
+    ckpt = CheckpointManager(run_dir)
+    tags = ckpt.complete_tags()
+    if not tags:
+        raise ExportError(f"{run_dir} has no complete checkpoint under {ckpt.dir}")
+    if tag == "latest":
+        name = ckpt.latest_tag()
+    else:
+        m = re.fullmatch(r"(?:step)?0*(\d+)", tag)
+        name = ckpt.tag_for(int(m.group(1))) if m else tag
+    if name not in tags:
+        raise ExportError(f"checkpoint tag '{tag}' is not a complete checkpoint of {run_dir}; available: {', '.join(tags)}")
+    if not (run_dir / "config.yaml").exists():
+        raise ExportError(f"{run_dir} has no config.yaml: not a run directory written by rsmoe train")
+    step = int((ckpt.dir / name / COMPLETE).read_text().strip() or 0)
+    return Source(run_dir=run_dir, args=_read_config(run_dir / "config.yaml"), tag=name, step=step)
+
+
+# ---------------------------------------------------------------- consolidating the model
+
+
+def _engine_dirs(tag_dir: Path) -> list[Path]:
+    """DeepSpeed checkpoint folders of a tag: the tag itself (one engine) or per-engine subfolders."""
+    found = [d for d in [tag_dir, *sorted(tag_dir.rglob("*"))] if d.is_dir() and d.name != "universal"
+             and "universal" not in d.relative_to(tag_dir).parts and any(d.glob("*_model_states.pt"))]
+    if not found:
+        raise ExportError(f"{tag_dir} holds no DeepSpeed model states (*_model_states.pt)")
+    return found
+
+
+def _fp32_state(ds_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # Frozen parameters were excluded when saving; only trainable ones are in here.
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
+    return {k: v.float() for k, v in state.items()}
+
+
+def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
+    """Copy the trainable states of every engine folder of `tag_dir` into `model` (which holds all experts)."""
+    params = dict(model.named_parameters())
+    covered: set[str] = set()
+    engines = []
+    for ds_dir in _engine_dirs(tag_dir):
+        meta_file = ds_dir / ENGINE_META
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"prefix": "", "expert_ids": None}
+        state = _fp32_state(ds_dir)
+        prefix, eids = meta["prefix"], meta["expert_ids"]
+        with torch.no_grad():
+            for key, value in state.items():
+                name = prefix + key
+                if name not in params:
+                    raise ExportError(f"{ds_dir}: tensor {key} has no place in the model built from config.yaml")
+                target = params[name]
+                if ".lora_" in name and eids is not None:
+                    # Adapter stacks hold only the engine's own experts: (n_local, ...) -> their global slots.
+                    if value.shape[0] != len(eids):
+                        raise ExportError(f"{ds_dir}: {key} holds {value.shape[0]} adapters, engine metadata lists {eids}")
+                    for local, eid in enumerate(eids):
+                        target[model.experts.slot_of(eid)].copy_(value[local])
+                        covered.add(f"{name}[{eid}]")
+                    continue
+                if value.shape != target.shape:
+                    raise ExportError(f"{ds_dir}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+                target.copy_(value)
+                if ".lora_" in name:
+                    covered.update(f"{name}[{e}]" for e in model.experts.expert_ids)
+                else:
+                    covered.add(name)
+        engines.append({"dir": str(ds_dir.relative_to(tag_dir)) or ".", "tensors": len(state), **meta})
+    wanted = set()
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        if ".lora_" in name:
+            wanted.update(f"{name}[{e}]" for e in model.experts.expert_ids)
+        else:
+            wanted.add(name)
+    missing = sorted(wanted - covered)
+    if missing:
+        raise ExportError(
+            f"{tag_dir} lacks the state of {len(missing)} trainable tensors (e.g. {missing[:3]}): a rank's "
+            "checkpoint folder is missing or was written for another config"
+        )
+    return {"engines": engines}
+
+
+def build_full_model(src: Source):
+    """The run's model with every expert's adapter in its own slot. Returns (model, llm_tok, qformer_tok)."""
+    from rsmoe.models.rsmoe import build_model
+    from rsmoe.train import final_dir_of
+
+    args = src.args
+    n = len(args.model.experts)
+    model, llm_tok, q_tok = build_model(args.model, args.seed)
+    if src.final_dir is not None:
+        if args.stage == 2:
+            missing = [e for e in args.model.experts if not (src.final_dir / "adapters" / e / "adapter_model.safetensors").exists()]
+            if missing:
+                raise ExportError(f"{src.final_dir} lacks adapters/{missing[0]}/ (of {missing}): the Stage II run did not finish")
+            load_model_dir(src.final_dir, model, stage2_expert_ids=list(range(n)), seed=args.seed)
+        else:
+            load_model_dir(src.final_dir, model)
+        model.expert_names = list(args.model.experts) if args.stage == 2 else ["llm"]
+        return model, llm_tok, q_tok
+    # A checkpoint tag: frozen parts from their sources (random ones are rebuilt from the seed, exactly as
+    # training built them), Stage II's starting point from its Stage I directory, trainable states from ZeRO.
+    if args.stage == 2:
+        if not args.init_from:
+            raise ExportError(f"{src.run_dir}/config.yaml is a Stage II config without init_from")
+        load_model_dir(final_dir_of(args.init_from), model)
+        model.to_stage2(list(range(n)), args.seed, train_qformer=args.model.train_qformer_stage2)
+        model.expert_names = list(args.model.experts)
+    src.info.update(overlay_checkpoint(model, src.run_dir / "checkpoints" / src.tag))
+    return model, llm_tok, q_tok
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def write_visual(model, q_tok, out: Path) -> dict[str, Any]:
+    """transformers' InstructBLIP names: qformer.*, query_tokens, language_projection.* (+ vision_model.*)."""
+    from rsmoe.models.rsmoe import VisionTokens
+
+    visual = model.visual
+    out.mkdir(parents=True)
+    state = {f"qformer.{k}": v for k, v in visual.qformer.qformer.state_dict().items()}
+    state["query_tokens"] = visual.qformer.query_tokens
+    state.update({f"language_projection.{k}": v for k, v in visual.proj.state_dict().items()})
+    info: dict[str, Any] = {"path": "visual", "key_layout": "transformers InstructBlipForConditionalGeneration"}
+    qcfg = visual.qformer.qformer.config
+    (out / "qformer_config.json").write_text(qcfg.to_json_string())
+    if isinstance(visual.vision, VisionTokens):
+        from transformers import InstructBlipConfig
+
+        state.update({f"vision_model.{k}": v for k, v in visual.vision.vit.state_dict().items()})
+        cfg = InstructBlipConfig(
+            vision_config=visual.vision.vit.config.to_dict(),
+            qformer_config=qcfg.to_dict(),
+            text_config=model.experts.base.config.to_dict(),
+            num_query_tokens=visual.qformer.query_tokens.shape[1],
+        )
+        cfg.save_pretrained(out)  # config.json: the directory loads as an InstructBLIP visual checkpoint
+        info["vision"] = {"type": "vit", "keys": "vision_model.*"}
+    else:
+        _save_safetensors(dict(visual.vision.net.state_dict()), out / "vision_encoder.safetensors")
+        info["vision"] = {"type": type(visual.vision).__name__, "file": "visual/vision_encoder.safetensors",
+                          "keys": "the encoder's own state dict (EfficientNet(...).load_state_dict)"}
+    _save_safetensors(state, out / "model.safetensors")
+    q_tok.save_pretrained(out / "qformer_tokenizer")
+    info.update({"file": "visual/model.safetensors", "tensors": len(state),
+                 "num_query_tokens": int(visual.qformer.query_tokens.shape[1]),
+                 "qformer_hidden": int(visual.qformer.hidden_size), "llm_hidden": int(visual.proj.out_features)})
+    return info
+
+
+def clean_lm(experts, merge_slot: int | None = None) -> nn.Module:
+    """A plain HF causal LM with the shared base's weights (+ the adapter in `merge_slot` merged in)."""
+    from transformers import AutoModelForCausalLM
+
+    base = experts.base
+    lm = AutoModelForCausalLM.from_config(base.config)
+    state = {k: v.detach().clone().float() for k, v in experts.base_state_dict().items()}
+    if merge_slot is not None:
+        for path, layer in experts.lora_layers.items():
+            # Same arithmetic as MultiLoRALinear.merge_adapter (fp32 product, scaled).
+            delta = layer.lora_B[merge_slot].detach().float() @ layer.lora_A[merge_slot].detach().float() * layer.scaling
+            state[f"{path}.weight"] += delta
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    # Tied LM heads appear once in the state dict; anything else missing means the layout changed.
+    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(base.config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise ExportError(f"base LM state does not fit {type(lm).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return lm.float().eval()
+
+
+def export_run(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    tag: str | None = None,
+    merge: bool = False,
+    experts: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the export directory (module docstring); returns its path."""
+    t0 = time.time()
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty: choose another --out, or pass --overwrite to replace it")
+    src = locate(source, tag)
+    args = src.args
+    names = list(args.model.experts) if args.stage == 2 else ["llm"]
+    chosen = experts or names
+    unknown = [e for e in chosen if e not in names]
+    if unknown:
+        raise ExportError(f"unknown expert(s) {unknown}: this stage-{args.stage} run has {names}")
+    model, llm_tok, q_tok = build_full_model(src)
+    model.eval()
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with torch.no_grad():
+        visual_info = write_visual(model, q_tok, tmp / "visual")
+        base = clean_lm(model.experts)
+        base.save_pretrained(tmp / "base")
+        llm_tok.save_pretrained(tmp / "base")
+        del base
+        expert_rows = []
+        for name in chosen:
+            slot = model.experts.slot_of(names.index(name)) if args.stage == 2 else 0
+            model.experts.save_adapter(slot, tmp / "adapters" / name, base_name_or_path=str(out / "base"))
+            row = {"name": name, "expert_id": names.index(name), "adapter": f"adapters/{name}", "merged": None}
+            if merge:
+                lm = clean_lm(model.experts, merge_slot=slot)
+                lm.save_pretrained(tmp / "merged" / name)
+                llm_tok.save_pretrained(tmp / "merged" / name)
+                row["merged"] = f"merged/{name}"
+                del lm
+            expert_rows.append(row)
+    dump_config(args, tmp / "config.yaml")
+    manifest = _manifest(src, args, visual_info, expert_rows, model)
+    (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
+    (tmp / "README.md").write_text(_readme(manifest))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("exported %s (%s) to %s in %.1f s", src.run_dir, src.tag or "final", out, time.time() - t0)
+    return out
+
+
+def _manifest(src: Source, args: TrainArgs, visual: dict, experts: list[dict], model) -> dict[str, Any]:
+    import rsmoe
+
+    ex = model.experts
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rsmoe_version": rsmoe.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": {
+            "run_dir": str(src.run_dir.resolve()),
+            "kind": "checkpoint" if src.tag else "final",
+            "tag": src.tag,
+            "step": src.step,
+            **({"engines": src.info["engines"]} if "engines" in src.info else {}),
+        },
+        "stage": args.stage,
+        "experts": experts,
+        "expert_order": list(args.model.experts),
+        "base": {
+            "path": "base",
+            "architecture": type(ex.base).__name__,
+            "from": args.model.llm.path or f"random init (seed {args.seed}, model.llm sizes)",
+            "stage1_adapter_merged": args.stage == 2,
+            "dtype": "float32",
+        },
+        "lora": {"r": ex.lora_r, "alpha": ex.lora_alpha, "target_modules": sorted(ex.target_modules),
+                 "layers": len(ex.lora_layers)},
+        "visual": visual,
+        "vision_source": args.model.vision.path or f"random init (seed {args.seed}, model.vision sizes)",
+        "input_format": (
+            "each expert reads inputs_embeds = [visual prefix (num_query_tokens x llm_hidden, from "
+            "language_projection(Q-Former(queries, vision tokens, instruction))) | embedded prompt tokens]; "
+            "prompts come from rsmoe's template router (rsmoe/models/router.py)"
+        ),
+        "config": "config.yaml",
+    }
+
+
+def _readme(m: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {e['name']} | `{e['adapter']}/` | {('`' + e['merged'] + '/`') if e['merged'] else '-'} |" for e in m["experts"]
+    )
+    src = m["source"]
+    origin = f"checkpoint `{src['tag']}` (step {src['step']})" if src["kind"] == "checkpoint" else "`final/`"
+    return f"""# RS-MoE export (stage {m['stage']})
+
+Exported by rsmoe {m['rsmoe_version']} from {origin} of `{src['run_dir']}`. Manifest: `export.json`;
+training config: `config.yaml`.
+
+| expert | peft adapter | merged model |
+|---|---|---|
+{rows}
+
+- `base/`: {m['base']['architecture']} the adapters apply to ({'base LLM with the Stage I LoRA merged in' if m['base']['stage1_adapter_merged'] else 'the base LLM'}), with its tokenizer.
+- `visual/model.safetensors`: Q-Former (`qformer.*`), `query_tokens`, `language_projection.*`{' and the ViT (`vision_model.*`)' if m['visual']['vision']['type'] == 'vit' else '; the vision encoder is in `visual/vision_encoder.safetensors`'}.
+- LoRA r={m['lora']['r']}, alpha={m['lora']['alpha']} on {', '.join(m['lora']['target_modules'])}.
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("base")
+expert = PeftModel.from_pretrained(base, "adapters/{m['experts'][0]['name']}")
+```
+
+Input format: {m['input_format']}.
+"""
+
+
+__all__ = ["ExportError", "export_run", "locate", "build_full_model", "clean_lm", "add_arguments", "main"]

@@ -1,0 +1,210 @@
+"""rsmoe export: the exported files load in plain transformers + peft and reproduce the training model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, free_port
+from rsmoe.config import load_config
+from rsmoe.distributed import shutdown_distributed
+from rsmoe.export import ExportError, export_run
+from rsmoe.models.lora import adapters_active
+
+EXPERTS = ("theme", "objects", "relations")
+
+
+def _train(overrides: list[str]) -> dict:
+    from rsmoe.train import train
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        return train(load_config("tiny", overrides))
+    finally:
+        shutdown_distributed()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sample_shards) -> dict[str, Path]:
+    """Tiny Stage I (ZeRO-2) then Stage II (ZeRO-3), 3 steps each, one process; exported from final/ with --merge."""
+    root = tmp_path_factory.mktemp("export")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(k, None)
+    data = [f"data.train_shards={sample_shards['train']}", f"data.val_shards={sample_shards['val']}",
+            "train.steps=3", "checkpoint.every=3", "train.num_eval_samples=0"]
+    s1, s2 = root / "stage1", root / "stage2"
+    _train(data + [f"run_dir={s1}", f"deepspeed_config={REPO}/ds_configs/zero2.json"])
+    _train(data + ["stage=2", f"run_dir={s2}", f"init_from={s1}", f"deepspeed_config={REPO}/ds_configs/zero3.json"])
+    export_run(s2, root / "export", merge=True)
+    return {"root": root, "stage1": s1, "stage2": s2, "export": root / "export"}
+
+
+def _trained_model(final: Path, stage: int):
+    """The model as training left it: rebuilt from the config and the final/ directory train.py wrote."""
+    from rsmoe.checkpoint import load_model_dir
+    from rsmoe.config import from_dict
+    from rsmoe.models import build_model
+    import yaml
+
+    args = from_dict(yaml.safe_load((final / "config.yaml").read_text()))
+    model, llm_tok, q_tok = build_model(args.model, args.seed)
+    load_model_dir(final, model, stage2_expert_ids=[0, 1, 2] if stage == 2 else None)
+    return model.eval(), llm_tok, q_tok, args
+
+
+def _inputs(model, llm_tok, q_tok, args, sample_shards):
+    """Visual prefix of real sample images + a tokenised prompt: the embeddings an expert reads."""
+    from rsmoe.data.loader import build_loader
+    from rsmoe.processor import Processor
+
+    v = args.model.vision
+    batch = next(iter(build_loader(sample_shards["val"], batch_size=2, image_size=v.image_size,
+                                   image_mean=tuple(v.image_mean), image_std=tuple(v.image_std))))
+    proc = Processor(llm_tok, q_tok, args.model.experts, args.model.max_prompt_len, args.model.max_target_len,
+                     args.model.qformer.max_instruction_len)
+    rows = proc.stage2_inputs(batch, random.Random(0), [0, 1, 2])
+    with torch.no_grad():
+        prefix = model.visual(rows["pixel_values"], rows["qformer_input_ids"], rows["qformer_attention_mask"])
+        # Every row (each sample x each expert's prompt and target), each to be run under one adapter.
+        embeds = model.experts.embed_rows(prefix[rows["row_sample"]], rows["input_ids"])
+    mask = torch.cat([rows["attention_mask"].new_ones(embeds.shape[0], prefix.shape[1]), rows["attention_mask"]], dim=1)
+    return embeds, mask, rows, prefix
+
+
+def test_stage2_export_layout_and_manifest(runs):
+    ex = runs["export"]
+    manifest = json.loads((ex / "export.json").read_text())
+    assert manifest["stage"] == 2 and manifest["source"]["kind"] == "final"
+    assert [e["name"] for e in manifest["experts"]] == list(EXPERTS)
+    for e in EXPERTS:
+        cfg = json.loads((ex / "adapters" / e / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(ex / "base")
+        assert (ex / "merged" / e / "model.safetensors").exists() and (ex / "merged" / e / "tokenizer.json").exists()
+    visual = load_file(ex / "visual" / "model.safetensors")
+    heads = {k.split(".")[0] for k in visual}
+    assert heads == {"qformer", "query_tokens", "language_projection", "vision_model"}, heads
+    assert (ex / "base" / "config.json").exists() and (ex / "README.md").read_text().startswith("# RS-MoE export")
+
+
+def test_exported_experts_match_the_training_model(runs, sample_shards):
+    """peft on the exported base, and the --merge directory, give the training model's logits (fp32, 1e-5)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ex = runs["export"]
+    model, llm_tok, q_tok, args = _trained_model(runs["stage2"] / "final", stage=2)
+    embeds, mask, _, _ = _inputs(model, llm_tok, q_tok, args, sample_shards)
+    base_only = AutoModelForCausalLM.from_pretrained(ex / "base").eval()
+    with torch.no_grad():
+        plain = base_only(inputs_embeds=embeds, attention_mask=mask).logits
+    seen = []
+    for slot, name in enumerate(EXPERTS):
+        with torch.no_grad(), adapters_active(model.experts.lora_layers, torch.full((embeds.shape[0],), slot)):
+            ref = model.experts.base(inputs_embeds=embeds, attention_mask=mask).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ex / "base"), ex / "adapters" / name).eval()
+        merged = AutoModelForCausalLM.from_pretrained(ex / "merged" / name).eval()
+        with torch.no_grad():
+            got_peft = peft_model(inputs_embeds=embeds, attention_mask=mask).logits
+            got_merged = merged(inputs_embeds=embeds, attention_mask=mask).logits
+        d_peft, d_merged = (got_peft - ref).abs().max().item(), (got_merged - ref).abs().max().item()
+        print(f"{name}: max |logit diff| peft {d_peft:.2e}, merged {d_merged:.2e} (max |logit| {ref.abs().max():.1f}); "
+              f"adapter vs base-only {(ref - plain).abs().max():.2e}")
+        # Merging rounds W + BA once in fp32, so the merged model is equal up to fp32 noise relative to the logits.
+        torch.testing.assert_close(got_peft, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_merged, ref, rtol=1e-5, atol=1e-5)
+        assert (ref - plain).abs().max() > 1e-3, f"{name}: the adapter does nothing; the comparison would be vacuous"
+        seen.append(ref)
+    assert (seen[0] - seen[1]).abs().max() > 1e-3  # experts really differ
+
+
+def test_exported_visual_side_matches_in_transformers(runs, sample_shards):
+    """visual/ loads as an InstructBLIP visual checkpoint; its modules reproduce the training model's prefix."""
+    from rsmoe.models.loading import load_instructblip_visual
+
+    model, llm_tok, q_tok, args = _trained_model(runs["stage2"] / "final", stage=2)
+    _, _, rows, prefix = _inputs(model, llm_tok, q_tok, args, sample_shards)
+    parts = load_instructblip_visual(runs["export"] / "visual")
+    proj = torch.nn.Linear(*parts["language_projection_state"]["weight"].shape[::-1])
+    proj.load_state_dict(parts["language_projection_state"])
+    with torch.no_grad():
+        image = parts["vision_model"](pixel_values=rows["pixel_values"]).last_hidden_state
+        q = parts["query_tokens"].expand(image.shape[0], -1, -1)
+        qmask = torch.cat([rows["qformer_attention_mask"].new_ones(q.shape[:2]), rows["qformer_attention_mask"]], 1)
+        out = parts["qformer"](input_ids=rows["qformer_input_ids"], attention_mask=qmask, query_embeds=q,
+                               encoder_hidden_states=image).last_hidden_state[:, : q.shape[1]]
+        got = proj(out)
+    diff = (got - prefix).abs().max().item()
+    print(f"visual prefix max |diff| {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_export_from_checkpoint_tags_equals_export_from_final(runs):
+    """ZeRO-3 (Stage II) and ZeRO-2 (Stage I) tags: the same files, bit for bit, as final/."""
+    root = runs["root"]
+    for stage, ref_dir in (("stage2", runs["export"]), ("stage1", None)):
+        if ref_dir is None:
+            ref_dir = export_run(runs[stage], root / f"{stage}_final")
+        tag_dir = export_run(runs[stage], root / f"{stage}_tag", tag="latest")
+        assert json.loads((tag_dir / "export.json").read_text())["source"]["tag"] == "step00000003"
+        for f in sorted(tag_dir.rglob("*.safetensors")):
+            a, b = load_file(f), load_file(ref_dir / f.relative_to(tag_dir))
+            assert a.keys() == b.keys(), f
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: {f.relative_to(tag_dir)} differs"
+
+
+def test_per_expert_engine_folders_export_each_adapter(runs, tmp_path):
+    """A tag with one engine folder per expert (expert-parallel layout): each adapter lands in its slot."""
+    from rsmoe.checkpoint import CheckpointManager
+    from rsmoe.config import from_dict
+    from rsmoe.distributed import ParallelLayout, init_distributed
+    from rsmoe.engine import build_engine, load_ds_json
+    from rsmoe.models import build_model
+    import shutil
+    import yaml
+
+    run = tmp_path / "ep_run"
+    run.mkdir()
+    shutil.copyfile(runs["stage2"] / "config.yaml", run / "config.yaml")
+    args = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    os.environ["MASTER_PORT"] = str(free_port())
+    init_distributed()
+    try:
+        engines, want = [], {}
+        for eid in (2, 0, 1):  # not in slot order on purpose
+            from rsmoe.checkpoint import load_model_dir
+
+            model, _, _ = build_model(args.model, args.seed)
+            load_model_dir(runs["stage1"] / "final", model)
+            model.to_stage2([eid], args.seed)
+            with torch.no_grad():
+                for layer in model.experts.lora_layers.values():
+                    layer.lora_B.normal_(generator=torch.Generator().manual_seed(eid))
+            want[EXPERTS[eid]] = model.experts.adapter_state(0)
+            engine, _ = build_engine(model, args, ParallelLayout(3, 1, 1, 0), load_ds_json(f"{REPO}/ds_configs/zero2.json"))
+            engines.append(engine)
+        CheckpointManager(run).save(engines, 7, {"step": 7}, subdirs=["ep2", "ep0", "ep1"])
+    finally:
+        shutdown_distributed()
+    out = export_run(run, tmp_path / "ep_export", tag="7")
+    for name, state in want.items():
+        got = load_file(out / "adapters" / name / "adapter_model.safetensors")
+        assert got.keys() == state.keys()
+        assert all(torch.equal(got[k], state[k]) for k in got), name
+
+
+def test_export_errors_name_the_problem(runs, tmp_path):
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ExportError, match="add --tag latest"):
+        export_run(tmp_path / "unfinished", tmp_path / "x")
+    with pytest.raises(ExportError, match="available: step00000003"):
+        export_run(runs["stage2"], tmp_path / "x", tag="step99")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export_run(runs["stage2"], runs["export"])
+    with pytest.raises(ExportError, match=r"unknown expert\(s\) \['colour'\]"):
+        export_run(runs["stage2"], tmp_path / "y", experts=["colour"])

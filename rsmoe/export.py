@@ -142,8 +142,12 @@ def _engine_dirs(tag_dir: Path) -> list[Path]:
 def _fp32_state(ds_dir: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # Frozen parameters were excluded when saving; only trainable ones are in here.
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
+    from rsmoe.safe_load import restricted_unpickling
+
+    # Frozen parameters were excluded when saving; only trainable ones are in here. DeepSpeed unpickles
+    # with weights_only=False: a checkpoint someone handed over must not run code.
+    with restricted_unpickling():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
     return {k: v.float() for k, v in state.items()}
 
 

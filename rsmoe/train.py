@@ -229,8 +229,8 @@ def train(args: TrainArgs) -> dict:
     log.info("stage %d | world %d = ep %d x dp %d | %s | %s", args.stage, info.world_size, layout.ep, layout.dp, device_type(), resolve_precision(args))
 
     model, processor, local_ids = build_stage_model(args, layout)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     engine, ds_cfg = build_engine(model, args, layout, load_ds_json(args.deepspeed_config))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("ZeRO-%d | trainable parameters %s | experts on this rank: %s",
              ds_cfg["zero_optimization"].get("stage", 0), f"{n_train:,}", model.expert_names)
 

@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--free-length", action="store_true", help="stop rows at EOS (work then differs between modes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared or loaded CPU more threads spin-wait and swamp the comparison; 0 = torch default)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -164,6 +164,8 @@ def build_ds_config(
     zero = cfg.setdefault("zero_optimization", {})
     if args.distributed.zero_stage >= 0:
         zero["stage"] = args.distributed.zero_stage
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_param_persistence_threshold", "auto")  # e.g. zero2.json with distributed.zero_stage=3
     if zero.get("stage3_param_persistence_threshold") == "auto":
         if model is not None and zero.get("stage") == 3:
             resident = zero3_residency(model, zero, 2 if cfg["bf16"]["enabled"] else 4)

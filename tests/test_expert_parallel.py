@@ -134,12 +134,15 @@ def assert_matches(run_dir: Path, ref: dict) -> float:
         got = torch.tensor([rows[step][f"loss/{e}"] for e in ref["names"]])
         assert torch.allclose(got, want, rtol=RTOL, atol=0), (step, got, want)
         assert rows[step]["optim/grad_norm"] == pytest.approx(norm, rel=RTOL), step  # the global norm
+    loss_err = max(rel_err(torch.tensor([rows[s + 1][f"loss/{e}"] for e in ref["names"]]), want)
+                   for s, want in enumerate(ref["losses"]))
     worst = 0.0
     for e, want in ref["adapters"].items():
         got = load_file(run_dir / "final" / "adapters" / e / "adapter_model.safetensors")
         assert got.keys() == want.keys()
         for k in want:
             worst = max(worst, rel_err(got[k], want[k]))
+    print(f"{run_dir.name}: {len(rows)} steps, max rel. error per-expert loss {loss_err:.1e}, final adapters {worst:.1e}")
     assert worst <= RTOL, worst
     return worst
 

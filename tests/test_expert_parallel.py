@@ -275,3 +275,35 @@ def test_world_not_a_multiple_of_ep_fails_in_one_line(sample_shards, stage1, tmp
                             overrides=["distributed.ep=2", "model.experts=[theme,objects]"])
     assert run(ns) == 2
     assert "rsmoe train: error: world size 1 is not a multiple of ep=2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch,ep", [(4, 2), (5, 2), (2, 3)])
+def test_sliced_visual_prefix_runs_each_sample_once_per_ep_group(monkeypatch, batch, ep):
+    """Each EP rank's visual forward sees only its slice (ceil(B/ep) rows; the last rank's padding
+    repeats a sample), and the gathered prefix is the full-batch prefix. The all-gather is simulated:
+    rank r's peers run the same code on their slices."""
+    import torch.distributed as dist
+
+    from rsmoe.parallel import SlicedVisualPrefix
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(3, 4)
+    seen: list[int] = []
+
+    def visual(pixels, ids, mask):
+        seen.append(pixels.shape[0])
+        return proj(pixels.mean(dim=(2, 3)))[:, None, :] + ids[:, :1, None] * mask[:, :1, None]
+
+    pixels, ids, mask = torch.randn(batch, 3, 2, 2), torch.randint(0, 5, (batch, 6)), torch.ones(batch, 6)
+    full = visual(pixels, ids, mask)
+    seen.clear()
+    for rank in range(ep):
+        def fake_gather(parts, part, group=None, rank=rank):
+            for r in range(ep):
+                parts[r].copy_(part if r == rank else SlicedVisualPrefix(None, ep, r)._local(visual, pixels, ids, mask))
+
+        monkeypatch.setattr(dist, "all_gather", fake_gather)
+        got = SlicedVisualPrefix(None, ep, rank)(visual, pixels, ids, mask)
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+    per = -(-batch // ep)
+    assert seen == [per] * (ep * ep)  # every call, own slice or a simulated peer's, is ceil(B/ep) rows

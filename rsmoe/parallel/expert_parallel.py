@@ -47,14 +47,19 @@ class SlicedVisualPrefix:
 
     def __call__(self, visual: nn.Module, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor,
                  qformer_attention_mask: torch.Tensor) -> torch.Tensor:
+        part = self._local(visual, pixel_values, qformer_input_ids, qformer_attention_mask)
+        parts = [torch.empty_like(part) for _ in range(self.size)]
+        dist.all_gather(parts, part, group=self.group)
+        return torch.cat(parts)[: pixel_values.shape[0]]
+
+    def _local(self, visual: nn.Module, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor,
+               qformer_attention_mask: torch.Tensor) -> torch.Tensor:
+        """This rank's rows: ceil(B/ep) of them, from rank * ceil(B/ep), the tail padded with sample B-1."""
         b = pixel_values.shape[0]
         per = -(-b // self.size)
         idx = torch.arange(self.rank * per, (self.rank + 1) * per, device=pixel_values.device).clamp(max=b - 1)
         with torch.no_grad():  # frozen (train_qformer_stage2 with ep > 1 is refused)
-            part = visual(pixel_values[idx], qformer_input_ids[idx], qformer_attention_mask[idx]).contiguous()
-        parts = [torch.empty_like(part) for _ in range(self.size)]
-        dist.all_gather(parts, part, group=self.group)
-        return torch.cat(parts)[:b]
+            return visual(pixel_values[idx], qformer_input_ids[idx], qformer_attention_mask[idx]).contiguous()
 
 
 class ExpertParallel:

@@ -25,6 +25,8 @@ class GenerationArgs:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
+    synced_gpus: bool | None = None
+    """True: keep stepping until every rank is done (ZeRO-3 shards weights over ranks). None: transformers decides."""
 
     def kwargs(self, processor: Processor) -> dict:
         tok = processor.llm_tokenizer
@@ -35,6 +37,7 @@ class GenerationArgs:
             length_penalty=self.length_penalty,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            synced_gpus=self.synced_gpus,
         )
         if self.repetition_penalty != 1.0:
             from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor

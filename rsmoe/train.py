@@ -30,6 +30,7 @@ from rsmoe.distributed import ParallelLayout, device_type, init_distributed, shu
 from rsmoe.engine import build_engine, load_ds_json, resolve_precision
 from rsmoe.logger import MetricLogger, setup_logging
 from rsmoe.models.rsmoe import RSMoE, build_model
+from rsmoe.parallel import ExpertParallel
 from rsmoe.processor import Processor
 from rsmoe.safe_load import UnsafeCheckpointError
 
@@ -194,14 +195,18 @@ def eval_batch(args: TrainArgs):
         return None
 
 
-def log_generations(engine, processor: Processor, batch, args: TrainArgs, metrics: MetricLogger, step: int) -> None:
+def log_generations(engine, processor: Processor, batch, args: TrainArgs, metrics: MetricLogger, step: int,
+                    ep_plan: ExpertParallel) -> None:
+    """Collective: every rank generates (ZeRO-3 gathers weights within groups; EP ranks hold different experts)."""
+    from rsmoe.engine import is_zero3
     from rsmoe.inference import GenerationArgs, caption
 
     model = engine.module
     was_training = model.training
-    results = caption(
-        model, processor, batch["pixel_values"], batch.get("instruction"), GenerationArgs(max_new_tokens=args.train.max_new_tokens)
-    )
+    # Ranks stop at different lengths; under ZeRO-3 all must keep running forwards until the last is done.
+    synced = is_zero3(engine) and dist.is_initialized() and dist.get_world_size() > 1
+    gen = GenerationArgs(max_new_tokens=args.train.max_new_tokens, synced_gpus=synced or None)
+    results = ep_plan.merge_generations(caption(model, processor, batch["pixel_values"], batch.get("instruction"), gen))
     model.train(was_training)
     lines = []
     for key, ref, res in zip(batch["key"], batch["caption"], results):
@@ -222,6 +227,7 @@ def train(args: TrainArgs) -> dict:
     ep = args.distributed.ep if args.stage == 2 else 1
     layout = ParallelLayout(n_experts=len(args.model.experts), ep=ep, world_size=info.world_size, rank=info.rank)
     layout.build_groups()
+    ep_plan = ExpertParallel(args, layout)
     is_main = info.rank == 0
     if is_main:
         check_resume_compatible(args, run_dir)
@@ -229,6 +235,7 @@ def train(args: TrainArgs) -> dict:
     log.info("stage %d | world %d = ep %d x dp %d | %s | %s", args.stage, info.world_size, layout.ep, layout.dp, device_type(), resolve_precision(args))
 
     model, processor, local_ids = build_stage_model(args, layout)
+    ep_plan.attach(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     engine, ds_cfg = build_engine(model, args, layout, load_ds_json(args.deepspeed_config))
     log.info("ZeRO-%d | trainable parameters %s | experts on this rank: %s",
@@ -240,7 +247,9 @@ def train(args: TrainArgs) -> dict:
     if is_main:
         guards.sweep_incomplete(ckpt.dir)
     if args.checkpoint.resume:
-        restored = ckpt.load([engine])
+        tag = ckpt.latest_tag()
+        ep_plan.check_checkpoint(ckpt.dir / tag if tag else None)
+        restored = ckpt.load([engine], subdirs=ep_plan.ckpt_subdirs)
         if restored:
             state.update(restored)
             loader.load_state_dict(state["data"])
@@ -251,7 +260,7 @@ def train(args: TrainArgs) -> dict:
     metrics = MetricLogger(run_dir, enabled=is_main, resume_step=state["step"])
     guard = guards.NonFiniteGuard(engine, args.train.nan_tolerance)
     data_iter = iter(loader)
-    names = model.expert_names
+    names = ep_plan.logged_names(model)
     grad_group = layout.mpu(args.stage).get_data_parallel_group()
     dp_size = layout.dp
     last = {}
@@ -261,8 +270,8 @@ def train(args: TrainArgs) -> dict:
     engine.train()
     while state["step"] < args.train.steps:
         t0 = time.time()
-        loss_sum = torch.zeros(len(names))
-        tokens = torch.zeros(len(names))
+        loss_sum = torch.zeros(len(local_ids))  # this rank's experts
+        tokens = torch.zeros(len(local_ids))
         n_tokens = 0
         for micro in range(args.train.grad_accum):
             batch = next(data_iter)
@@ -278,7 +287,7 @@ def train(args: TrainArgs) -> dict:
             engine.step()
             loss_sum += out["expert_loss"].float().cpu()
             tokens += out["expert_tokens"].float().cpu()
-            n_tokens += int(inputs["attention_mask"].sum()) + inputs["input_ids"].shape[0] * model.visual.qformer.query_tokens.shape[1]
+            n_tokens += int(inputs["attention_mask"].sum()) + inputs["input_ids"].shape[0] * args.model.qformer.num_query_tokens
         state["step"] += 1
         state["samples"] += args.train.micro_batch_size * args.train.grad_accum * dp_size
         state["data"] = loader.state_dict()
@@ -288,9 +297,10 @@ def train(args: TrainArgs) -> dict:
         if dist.is_initialized() and dp_size > 1:
             dist.all_reduce(expert_loss, group=grad_group)
             expert_loss /= dp_size
+        expert_loss = ep_plan.all_expert_losses(expert_loss)
         guard.end_step(engine, state["step"], ckpt.latest_tag())  # skipped on every rank, or halts
         dt = time.time() - t0
-        step_tokens = n_tokens * dp_size
+        step_tokens = ep_plan.sum_over_ep(n_tokens) * dp_size
         state["tokens"] += step_tokens
         last = {"loss/total": float(expert_loss.sum()), **{f"loss/{n}": float(l) for n, l in zip(names, expert_loss)}}
         if state["step"] % args.train.log_every == 0 or state["step"] == args.train.steps:
@@ -313,17 +323,17 @@ def train(args: TrainArgs) -> dict:
 
         every_eval = args.train.eval_every
         if gen_batch is not None and ((every_eval and state["step"] % every_eval == 0) or state["step"] == args.train.steps):
-            log_generations(engine, processor, gen_batch, args, metrics, state["step"])
+            log_generations(engine, processor, gen_batch, args, metrics, state["step"], ep_plan)
         stop_now = args.train.stop_after_steps and state["step"] >= args.train.stop_after_steps
         if preemption.requested() or stop_now:
-            ckpt.save([engine], state["step"], {k: v for k, v in state.items() if k != "tag"})
+            ckpt.save([engine], state["step"], {k: v for k, v in state.items() if k != "tag"}, ep_plan.ckpt_subdirs)
             log.warning("stopping at step %d on a preemption signal; checkpoint %s written", state["step"], ckpt.latest_tag())
             if is_main:
                 preemption.requeue()
             metrics.close()
             return {"step": state["step"], "preempted": True, **last}
         if state["step"] % args.checkpoint.every == 0 or state["step"] == args.train.steps:
-            ckpt.save([engine], state["step"], {k: v for k, v in state.items() if k != "tag"})
+            ckpt.save([engine], state["step"], {k: v for k, v in state.items() if k != "tag"}, ep_plan.ckpt_subdirs)
         faults.fire("after_step", state["step"])
     pbar.close()
 

@@ -9,6 +9,8 @@ starts one fresh adapter per expert, so every expert begins as the Stage I model
 from __future__ import annotations
 
 import logging
+from typing import Callable
+
 import torch
 from torch import nn
 from transformers import (
@@ -94,6 +96,10 @@ class RSMoE(nn.Module):
         self.visual = visual
         self.experts = experts
         self.expert_names = list(expert_names)
+        # Optional replacement for `self.visual(...)` in training forwards, called as
+        # prefix_fn(visual, pixel_values, qformer_input_ids, qformer_attention_mask). Expert
+        # parallelism sets one that splits the frozen visual work over the ranks sharing a batch.
+        self.prefix_fn: Callable[..., torch.Tensor] | None = None
 
     # ------------------------------------------------------------ stages
     def trainable_stage1(self) -> None:
@@ -132,7 +138,8 @@ class RSMoE(nn.Module):
         'expert_tokens' (n_local,)}. A plain dict so ZeRO-3's hooks can see the tensors.
         """
         if prefix is None:
-            prefix = self.visual(pixel_values, qformer_input_ids, qformer_attention_mask)
+            v_in = (pixel_values, qformer_input_ids, qformer_attention_mask)
+            prefix = self.visual(*v_in) if self.prefix_fn is None else self.prefix_fn(self.visual, *v_in)
         row_loss, row_tokens = self.experts(prefix[row_sample], input_ids, attention_mask, labels, adapter_index)
         n = len(self.experts.expert_ids)
         tok = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype).index_add(0, adapter_index, row_tokens.to(row_loss.dtype))

@@ -13,8 +13,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
 "$RSMOE" prepare
 "$RSMOE" assets --prepare smollm2-135m-instruct
 "$RSMOE" train --config demo --stage 1 --run-dir "$RUN_DIR/stage1" "$@"
-"$RSMOE" eval --model "$RUN_DIR/stage1" --shards "$VAL" --out "$RUN_DIR/eval_stage1" --bootstrap 200
+"$RSMOE" eval --model "$RUN_DIR/stage1" --shards "$VAL" --out "$RUN_DIR/eval_stage1" --bootstrap 200 --questions-per-image 10
 "$RSMOE" train --config demo --stage 2 --run-dir "$RUN_DIR/stage2" --init-from "$RUN_DIR/stage1" "$@"
-"$RSMOE" eval --model "$RUN_DIR/stage2" --shards "$VAL" --out "$RUN_DIR/eval_stage2" --bootstrap 200
+"$RSMOE" eval --model "$RUN_DIR/stage2" --shards "$VAL" --out "$RUN_DIR/eval_stage2" --bootstrap 200 --questions-per-image 10
 "$RSMOE" caption data/sample/ucm_captions/images/196.png --model "$RUN_DIR/stage2"
 echo "demo done: reports in $RUN_DIR/eval_stage1 and $RUN_DIR/eval_stage2; tensorboard --logdir $RUN_DIR"

@@ -160,3 +160,12 @@ def test_caption_intervals_contain_point_and_are_seeded():
     for name in ("BLEU-1", "BLEU-2", "ROUGE-L", "CIDEr"):
         assert a[name]["low"] <= s.corpus[name] <= a[name]["high"], name
     assert bootstrap_bleu_ci(s.bleu_stats, n_resamples=300, seed=8) != bootstrap_bleu_ci(s.bleu_stats, n_resamples=300, seed=9)
+
+
+@needs_java
+def test_meteor_interval_brackets_the_reported_corpus_score(meteor):
+    # The jar's pooled corpus METEOR differs from the per-image mean; the interval must still contain it.
+    s = score_captions(*_synthetic_corpus(), meteor=meteor)
+    ci = caption_intervals(s, n_resamples=300, n_resamples_cider=10, seed=3)["METEOR"]
+    assert ci["low"] <= s.corpus["METEOR"] <= ci["high"]
+    assert "centred on the jar's pooled corpus score" in ci["method"]

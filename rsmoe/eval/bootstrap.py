@@ -10,8 +10,8 @@ Each resample draws item indices with replacement (numpy ``default_rng(seed)``) 
   as they would in a corpus containing them twice). Slower, hence fewer default resamples.
 * ROUGE-L, VQA accuracy: the corpus score is a mean of per-item scores, so the mean is exact.
 * METEOR / SPICE: the jar's corpus METEOR pools statistics inside Java; re-running the JVM per
-  resample is too slow, so the interval is for the *mean of per-image scores* (an approximation
-  of the corpus score, stated in the result).
+  resample is too slow, so the interval takes the bootstrap spread of the *mean of per-image
+  scores* and centres it on the corpus score (an approximation, stated in the result).
 """
 
 from __future__ import annotations
@@ -164,10 +164,15 @@ def caption_intervals(
             out[name] = {"low": lo, "high": hi, "method": "mean of per-image scores (exact)", "n_resamples": n_resamples}
         else:
             lo, hi = bootstrap_mean_ci(values, n_resamples=n_resamples, **kw)
+            # The jar pools statistics, so its corpus score is not the per-image mean; use the mean's
+            # bootstrap spread around the reported corpus score, so the interval brackets the number shown.
+            mean = sum(values) / len(values) if values else 0.0
+            point = float(scores.corpus[name])
+            lo, hi = max(0.0, point - (mean - lo)), min(1.0, point + (hi - mean))
             out[name] = {
                 "low": lo,
                 "high": hi,
-                "method": "mean of per-image scores (approximates the jar's pooled corpus score)",
+                "method": "spread of the per-image-score mean, centred on the jar's pooled corpus score (approximate)",
                 "n_resamples": n_resamples,
             }
     return out

@@ -109,7 +109,8 @@ class DataArgs:
     num_workers: int = 0
     shuffle_buffer: int = 200
     vqa_prob: float = 0.0
-    """Stage I: probability that a sample with QA trains on one question instead of its caption."""
+    """Probability that a sample with QA trains one question: Stage I instead of its caption; Stage II
+    in addition to its sub-captions, on the expert the router picks (keeps the experts answering)."""
 
 
 @dataclass

@@ -96,25 +96,62 @@ class Processor:
         out["row_sample"] = torch.arange(len(rows))
         return self._with_visual_inputs(out, batch, instructions)
 
-    def stage2_inputs(self, batch: dict, rng: random.Random, expert_ids: list[int]) -> dict[str, torch.Tensor]:
-        """Rows for the experts in `expert_ids` (global ids; adapter slot = position in that list)."""
-        instructions, rows, slots, samples = [], [], [], []
+    def stage2_inputs(
+        self, batch: dict, rng: random.Random, expert_ids: list[int], vqa_prob: float = 0.0
+    ) -> dict[str, torch.Tensor]:
+        """Rows for the experts in `expert_ids` (global ids; adapter slot = position in that list).
+
+        An expert gets a row only where its sub-caption is non-empty (training it on empty targets
+        teaches it to stop at once); if a local expert would get no row at all in this batch it keeps
+        one, so every adapter is in every step. With `vqa_prob`, a sample also adds one question row
+        for the expert the router sends it to, with its own visual prefix (the Q-Former reads the
+        question, as at inference). Every rank of an EP group draws the same random numbers and the
+        same prefixes; only which rows it keeps depends on its experts.
+        """
+        instructions, visual_index, rows, slots, samples = [], [], [], [], []
+        empty: dict[int, tuple] = {}
         for i in range(len(batch["caption"])):
             instr = self.instruction_for(batch, i, rng)
+            prefix_id = len(instructions)
             instructions.append(instr)
+            visual_index.append(i)
             prompts = self.router.caption_prompts(instr)
             parts = batch["parts"][i] or {}
             for slot, eid in enumerate(expert_ids):
-                rows.append(self._row(prompts[eid], parts.get(self.experts[eid], "")))
+                target = parts.get(self.experts[eid], "").strip()
+                if not target:
+                    empty.setdefault(slot, (self._row(prompts[eid], ""), prefix_id))
+                    continue
+                rows.append(self._row(prompts[eid], target))
                 slots.append(slot)
-                samples.append(i)
+                samples.append(prefix_id)
+            qa = (batch.get("qa") or [[]] * len(batch["caption"]))[i]
+            if qa and vqa_prob > 0 and rng.random() < vqa_prob:
+                item = rng.choice(qa)
+                question = self.router.question_prompt(item["question"])
+                prefix_id = len(instructions)
+                instructions.append(question)
+                visual_index.append(i)
+                eid = self.experts.index(self.router.route_question(item["question"], item.get("type")))
+                if eid in expert_ids:
+                    rows.append(self._row(question, str(item["answer"])))
+                    slots.append(expert_ids.index(eid))
+                    samples.append(prefix_id)
+        for slot, (row, prefix_id) in sorted(empty.items()):
+            if slot not in slots:
+                rows.append(row)
+                slots.append(slot)
+                samples.append(prefix_id)
         out = self._pad_right(rows)
         out["adapter_index"] = torch.tensor(slots, dtype=torch.long)
         out["row_sample"] = torch.tensor(samples, dtype=torch.long)
-        return self._with_visual_inputs(out, batch, instructions)
+        return self._with_visual_inputs(out, batch, instructions, visual_index)
 
-    def _with_visual_inputs(self, out: dict, batch: dict, instructions: list[str]) -> dict[str, torch.Tensor]:
-        out["pixel_values"] = batch["pixel_values"]
+    def _with_visual_inputs(
+        self, out: dict, batch: dict, instructions: list[str], visual_index: list[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        pixels = batch["pixel_values"]
+        out["pixel_values"] = pixels if visual_index is None or visual_index == list(range(len(pixels))) else pixels[visual_index]
         out["qformer_input_ids"], out["qformer_attention_mask"] = self.encode_instructions(instructions)
         return out
 

@@ -280,7 +280,7 @@ def train(args: TrainArgs) -> dict:
             if args.stage == 1:
                 inputs = processor.stage1_inputs(batch, rng, args.data.vqa_prob)
             else:
-                inputs = processor.stage2_inputs(batch, rng, local_ids)
+                inputs = processor.stage2_inputs(batch, rng, local_ids, args.data.vqa_prob)
             inputs = to_device(inputs, engine.device)
             out = faults.poison_loss(engine(**inputs), state["step"] + 1)
             engine.backward(guard.loss_for_backward(out["loss"]))

@@ -121,3 +121,27 @@ def test_compose_orders_and_dedupes():
     }
     out = compose_caption(parts, ["theme", "objects", "relations"])
     assert out == "This is an aerial image of a harbour. Many boats. there are two piers. A road runs along the river."
+
+
+def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
+    import random
+
+    _, proc = stage2_model
+    batch = {
+        "pixel_values": torch.randn(2, 3, 64, 64),
+        "caption": ["a", "b"],
+        "instruction": [None, None],
+        "parts": [{"theme": "A harbour.", "objects": "Two boats.", "relations": ""},
+                  {"theme": "A field.", "objects": "", "relations": ""}],
+        "qa": [[{"question": "How many boats are there?", "answer": "2", "type": "count"}], []],
+    }
+    full = proc.stage2_inputs(batch, random.Random(0), [0, 1, 2], vqa_prob=1.0)
+    # theme x2, objects x1, the count question on objects, and one empty relations row so every adapter steps.
+    assert full["adapter_index"].tolist() == [0, 1, 1, 0, 2]
+    assert full["pixel_values"].shape[0] == 3  # the question gets its own prefix (Q-Former reads the question)
+    assert full["row_sample"].tolist() == [0, 0, 1, 2, 0]
+    # An EP rank holding only 'relations' draws the same prefixes, so the EP group's all-gather lines up.
+    ep_rank = proc.stage2_inputs(batch, random.Random(0), [2], vqa_prob=1.0)
+    assert torch.equal(ep_rank["pixel_values"], full["pixel_values"])
+    assert torch.equal(ep_rank["qformer_input_ids"], full["qformer_input_ids"])
+    assert ep_rank["adapter_index"].tolist() == [0]

@@ -65,7 +65,8 @@ class Processor:
         for i, (p, t) in enumerate(rows):
             seq = p + t
             ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(t)
+            if t:
+                labels[i, len(p) : len(seq)] = torch.tensor(t)
             mask[i, : len(seq)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -103,7 +104,8 @@ class Processor:
 
         An expert gets a row only where its sub-caption is non-empty (training it on empty targets
         teaches it to stop at once); if a local expert would get no row at all in this batch it keeps
-        one, so every adapter is in every step. With `vqa_prob`, a sample also adds one question row
+        one prompt-only row without labels, so every adapter is in every forward but learns nothing
+        from it. With `vqa_prob`, a sample also adds one question row
         for the expert the router sends it to, with its own visual prefix (the Q-Former reads the
         question, as at inference). Every rank of an EP group draws the same random numbers and the
         same prefixes; only which rows it keeps depends on its experts.
@@ -120,7 +122,8 @@ class Processor:
             for slot, eid in enumerate(expert_ids):
                 target = parts.get(self.experts[eid], "").strip()
                 if not target:
-                    empty.setdefault(slot, (self._row(prompts[eid], ""), prefix_id))
+                    prompt_only = (self._ids(format_prompt(prompts[eid]), self.max_prompt_len), [])
+                    empty.setdefault(slot, (prompt_only, prefix_id))
                     continue
                 rows.append(self._row(prompts[eid], target))
                 slots.append(slot)

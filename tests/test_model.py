@@ -136,8 +136,9 @@ def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
         "qa": [[{"question": "How many boats are there?", "answer": "2", "type": "count"}], []],
     }
     full = proc.stage2_inputs(batch, random.Random(0), [0, 1, 2], vqa_prob=1.0)
-    # theme x2, objects x1, the count question on objects, and one empty relations row so every adapter steps.
+    # theme x2, objects x1, the count question on objects, and one label-free relations row so every adapter steps.
     assert full["adapter_index"].tolist() == [0, 1, 1, 0, 2]
+    assert (full["labels"][4] == -100).all() and (full["labels"][:4] != -100).any(dim=1).all()
     assert full["pixel_values"].shape[0] == 3  # the question gets its own prefix (Q-Former reads the question)
     assert full["row_sample"].tolist() == [0, 0, 1, 2, 0]
     # An EP rank holding only 'relations' draws the same prefixes, so the EP group's all-gather lines up.
@@ -145,3 +146,10 @@ def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
     assert torch.equal(ep_rank["pixel_values"], full["pixel_values"])
     assert torch.equal(ep_rank["qformer_input_ids"], full["qformer_input_ids"])
     assert ep_rank["adapter_index"].tolist() == [0]
+    # That rank's expert has no target in this batch: it still runs a forward/backward, with zero loss.
+    rank_model, _, _ = build_model(load_config("tiny").model, seed=0)
+    rank_model.to_stage2([2], seed=0)
+    out = rank_model(**ep_rank)
+    assert out["expert_tokens"].tolist() == [0] and out["loss"].item() == 0.0
+    out["loss"].backward()
+

@@ -308,11 +308,13 @@ def load_model_dir(
     *,
     stage2_expert_ids: list[int] | None = None,
     seed: int = 0,
+    expert_names: list[str] | None = None,
 ) -> None:
     """Load a `final/` directory into a freshly built Stage I model.
 
     If `stage2_expert_ids` is given, the Stage I adapter is merged and the model gets one adapter
-    per listed expert: fresh (Stage II init) or, if the directory has them, the trained ones.
+    per listed expert: fresh (Stage II init) or, if the directory has them, the trained ones
+    (`adapters/<expert_names[id]>/`; names default to the directory's own config.yaml).
     """
     d = Path(model_dir)
     if not (d / "visual.safetensors").exists():
@@ -331,7 +333,7 @@ def load_model_dir(
         raise KeyError(f"{d}/visual.safetensors does not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     load_adapter_into(model.experts, 0, d / "stage1_adapter")
     if stage2_expert_ids is not None:
-        cfg_names = _read_expert_names(d)
+        cfg_names = expert_names if expert_names is not None else _read_expert_names(d)
         model.experts.merge_and_reset(stage2_expert_ids, seed)
         for slot, eid in enumerate(stage2_expert_ids):
             adir = d / "adapters" / cfg_names[eid] if cfg_names and eid < len(cfg_names) else None
@@ -340,7 +342,28 @@ def load_model_dir(
 
 
 def _read_expert_names(d: Path) -> list[str]:
-    import yaml
+    from rsmoe.config import read_config
 
-    cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").exists() else {}
-    return list(((cfg or {}).get("model") or {}).get("experts") or [])
+    return list(read_config(d / "config.yaml").model.experts) if (d / "config.yaml").exists() else []
+
+
+def load_finished_stage(model_dir: str | Path, model, args) -> None:
+    """Load the `final/` directory of a finished stage into `model`, built from that stage's `args`.
+
+    Stage II directories give every expert its trained adapter; Stage I gives the single 'llm'.
+    Raises FileNotFoundError naming the experts whose adapters are missing.
+    """
+    d = Path(model_dir)
+    experts = list(args.model.experts)
+    if args.stage == 2:
+        missing = [e for e in experts if not (d / "adapters" / e / "adapter_model.safetensors").exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{d}/adapters lacks the adapters of expert(s) {missing}: the Stage II run did not finish "
+                "or the directory was copied incompletely"
+            )
+        load_model_dir(d, model, stage2_expert_ids=list(range(len(experts))), seed=args.seed, expert_names=experts)
+        model.expert_names = experts
+    else:
+        load_model_dir(d, model)
+        model.expert_names = ["llm"]

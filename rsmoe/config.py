@@ -362,3 +362,12 @@ def from_dict(d: dict[str, Any]) -> TrainArgs:
     args = TrainArgs()
     _apply(args, d)
     return args
+
+
+def read_config(path: str | Path) -> TrainArgs:
+    """The resolved config a run wrote (`config.yaml` in a run or model directory)."""
+    with open(path) as f:
+        try:
+            return from_dict(yaml.safe_load(f) or {})
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsmoe.checkpoint import COMPLETE, ENGINE_META, CheckpointManager, load_model_dir
-from rsmoe.config import TrainArgs, dump_config, from_dict
+from rsmoe.checkpoint import COMPLETE, ENGINE_META, CheckpointManager, load_finished_stage, load_model_dir
+from rsmoe.config import TrainArgs, dump_config, read_config
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,6 @@ class Source:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_config(path: Path) -> TrainArgs:
-    import yaml
-
-    return from_dict(yaml.safe_load(path.read_text()))
-
-
 def locate(source: str | Path, tag: str | None) -> Source:
     p = Path(source)
     if not p.exists():
@@ -108,7 +102,7 @@ def locate(source: str | Path, tag: str | None) -> Source:
             raise ExportError(f"{p} has no final/visual.safetensors: the stage did not finish{hint}")
         if not (final / "config.yaml").exists():
             raise ExportError(f"{final} has no config.yaml: not a model directory written by rsmoe train")
-        return Source(run_dir=final.parent, args=_read_config(final / "config.yaml"), final_dir=final)
+        return Source(run_dir=final.parent, args=read_config(final / "config.yaml"), final_dir=final)
     run_dir = p.parent if p.name == "final" else p
     ckpt = CheckpointManager(run_dir)
     tags = ckpt.complete_tags()
@@ -124,7 +118,7 @@ def locate(source: str | Path, tag: str | None) -> Source:
     if not (run_dir / "config.yaml").exists():
         raise ExportError(f"{run_dir} has no config.yaml: not a run directory written by rsmoe train")
     step = int((ckpt.dir / name / COMPLETE).read_text().strip() or 0)
-    return Source(run_dir=run_dir, args=_read_config(run_dir / "config.yaml"), tag=name, step=step)
+    return Source(run_dir=run_dir, args=read_config(run_dir / "config.yaml"), tag=name, step=step)
 
 
 # ---------------------------------------------------------------- consolidating the model
@@ -209,14 +203,10 @@ def build_full_model(src: Source):
     n = len(args.model.experts)
     model, llm_tok, q_tok = build_model(args.model, args.seed)
     if src.final_dir is not None:
-        if args.stage == 2:
-            missing = [e for e in args.model.experts if not (src.final_dir / "adapters" / e / "adapter_model.safetensors").exists()]
-            if missing:
-                raise ExportError(f"{src.final_dir} lacks adapters/{missing[0]}/ (of {missing}): the Stage II run did not finish")
-            load_model_dir(src.final_dir, model, stage2_expert_ids=list(range(n)), seed=args.seed)
-        else:
-            load_model_dir(src.final_dir, model)
-        model.expert_names = list(args.model.experts) if args.stage == 2 else ["llm"]
+        try:
+            load_finished_stage(src.final_dir, model, args)
+        except FileNotFoundError as exc:
+            raise ExportError(str(exc)) from exc
         return model, llm_tok, q_tok
     # A checkpoint tag: frozen parts from their sources (random ones are rebuilt from the seed, exactly as
     # training built them), Stage II's starting point from its Stage I directory, trainable states from ZeRO.

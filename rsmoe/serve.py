@@ -100,34 +100,26 @@ def load_trained(path: str | Path, device: str | torch.device = "auto", dtype: s
     A Stage II directory (has `adapters/`) gets every expert's adapter; a Stage I directory gives
     the single "llm" expert.
     """
-    import yaml
-
-    from rsmoe.checkpoint import load_model_dir
-    from rsmoe.config import ConfigError, from_dict
+    from rsmoe.checkpoint import load_finished_stage
+    from rsmoe.config import ConfigError, read_config
     from rsmoe.models import build_model
     from rsmoe.processor import Processor
 
     d = resolve_model_dir(path)
     try:
-        cfg = from_dict(yaml.safe_load((d / "config.yaml").read_text()))
-    except (ConfigError, yaml.YAMLError) as exc:
+        cfg = read_config(d / "config.yaml")
+    except ConfigError as exc:
         raise UserError(f"{d}/config.yaml cannot be read as an rsmoe config ({exc}); was it written by another rsmoe version?") from exc
     m = cfg.model
-    stage = 2 if (d / "adapters").is_dir() else 1
+    stage = cfg.stage
     try:
         model, llm_tok, q_tok = build_model(m, cfg.seed)
     except (FileNotFoundError, OSError) as exc:
         raise UserError(f"cannot build the model of {d}: {exc}") from exc
     try:
-        if stage == 2:
-            missing = [e for e in m.experts if not (d / "adapters" / e / "adapter_model.safetensors").exists()]
-            if missing:
-                raise UserError(f"{d}/adapters lacks the adapters of expert(s) {missing}: the Stage II export is incomplete")
-            load_model_dir(d, model, stage2_expert_ids=list(range(len(m.experts))), seed=cfg.seed)
-            model.expert_names = list(m.experts)
-        else:
-            load_model_dir(d, model)
-            model.expert_names = ["llm"]
+        load_finished_stage(d, model, cfg)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
     except (KeyError, RuntimeError) as exc:
         raise UserError(f"{d} does not match its own config.yaml ({exc})") from exc
     dev = device if isinstance(device, torch.device) else pick_device(device)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from rsmoe import faults, guards, preemption
 from rsmoe.checkpoint import CheckpointManager, export_final, load_model_dir
-from rsmoe.config import ConfigError, TrainArgs, dump_config, from_dict, load_config
+from rsmoe.config import ConfigError, TrainArgs, dump_config, load_config, read_config
 from rsmoe.data.loader import NoValidDataError
 from rsmoe.distributed import ParallelLayout, device_type, init_distributed, shutdown_distributed
 from rsmoe.engine import build_engine, load_ds_json, resolve_precision
@@ -135,12 +135,10 @@ def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, P
 
 
 def check_resume_compatible(args: TrainArgs, run_dir: Path) -> None:
-    import yaml
-
     old_file = run_dir / "config.yaml"
     if not old_file.exists() or not args.checkpoint.resume:
         return
-    old = from_dict(yaml.safe_load(old_file.read_text()))
+    old = read_config(old_file)
     if old.model != args.model or old.stage != args.stage:
         raise ConfigError(
             f"{run_dir} already holds a stage-{old.stage} run with a different model config; "

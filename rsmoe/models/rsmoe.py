@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 class QFormer(nn.Module):
     """InstructBLIP's Q-Former with its learned queries; the instruction shares self-attention."""
 
-    def __init__(self, config: InstructBlipQFormerConfig, num_query_tokens: int):
+    def __init__(self, config: InstructBlipQFormerConfig, num_query_tokens: int, qformer: nn.Module | None = None):
         super().__init__()
-        self.qformer = InstructBlipQFormerModel(config)
+        # A loaded checkpoint's Q-Former is used as is (no throw-away random one built first).
+        self.qformer = qformer if qformer is not None else InstructBlipQFormerModel(config)
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, config.hidden_size) * config.initializer_range)
 
     @property
@@ -216,8 +217,7 @@ def _build_qformer(m: ModelArgs, vision_hidden: int, qformer_vocab: int) -> QFor
     q = m.qformer
     if q.path:
         parts = _instructblip_parts(q.path)
-        qf = QFormer(parts["qformer"].config, q.num_query_tokens)
-        qf.qformer = parts["qformer"]
+        qf = QFormer(parts["qformer"].config, q.num_query_tokens, parts["qformer"])
         if parts["query_tokens"].shape[1] != q.num_query_tokens:
             raise ValueError(
                 f"model.qformer.num_query_tokens={q.num_query_tokens} but {q.path} has "

@@ -302,6 +302,19 @@ def load_adapter_into(experts, slot: int, adapter_dir: str | Path) -> None:
                 getattr(layer, f"lora_{ab}")[slot].copy_(state[key])
 
 
+def final_dir_of(path: str | Path) -> Path:
+    """A Stage I run directory (or its final/) -> the model directory Stage II starts from."""
+    p = Path(path)
+    if (p / "final" / "visual.safetensors").exists():
+        return p / "final"
+    if (p / "visual.safetensors").exists():
+        return p
+    raise FileNotFoundError(
+        f"Stage II needs a finished Stage I run: '{path}' has no final/visual.safetensors. "
+        "Run Stage I to the end first (or point --init-from at its run directory)."
+    )
+
+
 def load_model_dir(
     model_dir: str | Path,
     model,

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsmoe.checkpoint import COMPLETE, ENGINE_META, CheckpointManager, load_finished_stage, load_model_dir
+from rsmoe.checkpoint import COMPLETE, ENGINE_META, CheckpointManager, final_dir_of, load_finished_stage, load_model_dir
 from rsmoe.config import TrainArgs, dump_config, read_config
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,6 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
 def build_full_model(src: Source):
     """The run's model with every expert's adapter in its own slot. Returns (model, llm_tok, qformer_tok)."""
     from rsmoe.models.rsmoe import build_model
-    from rsmoe.train import final_dir_of
 
     args = src.args
     n = len(args.model.experts)

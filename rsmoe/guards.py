@@ -119,7 +119,7 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
     if args.stage == 2:
         if not args.init_from:
             raise ConfigError("Stage II needs init_from (--init-from): the Stage I run directory")
-        from rsmoe.train import final_dir_of
+        from rsmoe.checkpoint import final_dir_of
 
         init = final_dir_of(args.init_from)  # FileNotFoundError with the fix in its message
         if not (init / "stage1_adapter" / "adapter_model.safetensors").is_file():

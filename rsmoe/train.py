@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rsmoe import faults, guards, preemption
-from rsmoe.checkpoint import CheckpointManager, export_final, load_model_dir
+from rsmoe.checkpoint import CheckpointManager, export_final, final_dir_of, load_model_dir
 from rsmoe.config import ConfigError, TrainArgs, dump_config, load_config, read_config
 from rsmoe.data.loader import NoValidDataError
 from rsmoe.distributed import ParallelLayout, device_type, init_distributed, shutdown_distributed
@@ -105,18 +105,6 @@ def random_frozen_prefixes(args: TrainArgs) -> list[str]:
     if not args.model.llm.path:
         out.append("experts.base.")
     return out
-
-
-def final_dir_of(path: str) -> Path:
-    p = Path(path)
-    if (p / "final" / "visual.safetensors").exists():
-        return p / "final"
-    if (p / "visual.safetensors").exists():
-        return p
-    raise FileNotFoundError(
-        f"Stage II needs a finished Stage I run: '{path}' has no final/visual.safetensors. "
-        "Run Stage I to the end first (or point --init-from at its run directory)."
-    )
 
 
 def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:

@@ -105,7 +105,8 @@ rsmoe_train_args() {
 }
 
 # rsmoe_start_marker RUN_DIR ID -> prints the path of a fresh marker file; rsmoe_finished compares it
-# with final/config.yaml, which train.py writes only after the last step (an earlier run's final/ is older).
+# with final/config.yaml, which train.py writes only after the last step (an earlier run's final/ is older);
+# final/INCOMPLETE is there until the last file of final/ is written (a run killed mid-export is not finished).
 rsmoe_start_marker() {
     mkdir -p "$1/logs"
     local marker="$1/logs/.started-$2"
@@ -114,7 +115,7 @@ rsmoe_start_marker() {
 }
 
 rsmoe_finished() {
-    [[ $1/final/config.yaml -nt $2 ]]
+    [[ $1/final/config.yaml -nt $2 && ! -e $1/final/INCOMPLETE ]]
 }
 
 # True when this installation has `rsmoe eval` (checked by file, without importing torch & co.).

@@ -12,6 +12,8 @@ Model directory (`<run>/final/`): what Stage II and inference load, in standard 
   frozen_random.safetensors        randomly initialised frozen parts (only for random presets)
   stage1_adapter/                  Stage I LoRA as a peft adapter (merged into the base for Stage II)
   adapters/<expert>/               Stage II: one peft adapter directory per expert
+  INCOMPLETE                       present only while the directory is being written: a run killed
+                                   mid-export leaves it, and every reader refuses the directory
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from rsmoe.safe_load import restricted_unpickling
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+INCOMPLETE = "INCOMPLETE"  # in final/: written first, removed last (directories from before it have neither)
 ENGINE_META = "rsmoe_engine.json"
 
 
@@ -260,6 +263,10 @@ def export_final(
     lora = gathered_state(model.experts, lambda n, p: ".lora_" in n)
     if _is_rank0():
         out.mkdir(parents=True, exist_ok=True)
+        # First on disk, removed last: a kill anywhere in between leaves a directory nobody will load
+        # (an earlier export being overwritten included).
+        atomic_write_text(out / INCOMPLETE, INCOMPLETE_TEXT)
+        guards.fsync_dir(out)
         _save_safetensors(visual, out / "visual.safetensors")
         if frozen:
             _save_safetensors(frozen, out / "frozen_random.safetensors")
@@ -272,8 +279,36 @@ def export_final(
     _barrier()
     if write_adapters:
         _write_adapters(model.experts, lora, out, expert_names, stage=args.stage)
+    faults.fire("in_export", args.train.steps)
+    _barrier()
+    if _is_rank0():
+        guards.fsync_tree(out)  # the marker must not go before the files it guards reach the disk
+        (out / INCOMPLETE).unlink()
+        guards.fsync_dir(out)
     _barrier()
     return out
+
+
+INCOMPLETE_TEXT = (
+    "rsmoe train is writing this model directory. If no run is writing it, the run was stopped part-way "
+    "and the directory must not be used: run the same train command again (it resumes from the last "
+    "checkpoint and writes final/ again), or export a checkpoint with `rsmoe export RUN_DIR --tag latest`.\n"
+)
+
+
+def require_complete(model_dir: str | Path) -> None:
+    """Raise if `model_dir` is a model directory whose export never finished."""
+    d = Path(model_dir)
+    if (d / INCOMPLETE).exists():
+        raise IncompleteModelDir(
+            f"{d} is incomplete: the run that wrote it was stopped before it finished ({INCOMPLETE} is still there). "
+            "Run the same train command again: it resumes from the last checkpoint and writes final/ again "
+            "(or export a checkpoint: rsmoe export <run dir> --tag latest)."
+        )
+
+
+class IncompleteModelDir(FileNotFoundError):
+    """A final/ directory left by a run stopped while writing it."""
 
 
 def _write_adapters(experts, lora: dict[str, torch.Tensor], out: Path, names: list[str], stage: int) -> None:
@@ -305,10 +340,10 @@ def load_adapter_into(experts, slot: int, adapter_dir: str | Path) -> None:
 def final_dir_of(path: str | Path) -> Path:
     """A Stage I run directory (or its final/) -> the model directory Stage II starts from."""
     p = Path(path)
-    if (p / "final" / "visual.safetensors").exists():
-        return p / "final"
-    if (p / "visual.safetensors").exists():
-        return p
+    for d in (p / "final", p):
+        if (d / "visual.safetensors").exists() or (d / INCOMPLETE).exists():
+            require_complete(d)
+            return d
     raise FileNotFoundError(
         f"Stage II needs a finished Stage I run: '{path}' has no final/visual.safetensors. "
         "Run Stage I to the end first (or point --init-from at its run directory)."
@@ -330,6 +365,7 @@ def load_model_dir(
     (`adapters/<expert_names[id]>/`; names default to the directory's own config.yaml).
     """
     d = Path(model_dir)
+    require_complete(d)
     if not (d / "visual.safetensors").exists():
         raise FileNotFoundError(
             f"{d} is not an rsmoe model directory (no visual.safetensors): give a run's 'final' directory "

@@ -7,6 +7,7 @@
     hang:after_step:5     after optimizer step 5, sleep until killed (a test then sends SIGKILL)
     hang:before_complete:4  inside checkpoint save of step 4: all state files written, COMPLETE not yet
     exit:before_complete:4  same place, but the process dies at once (os._exit, like a node loss)
+    exit:in_export:6      while writing final/ of a 6-step run: adapters written, INCOMPLETE not yet removed
 
 Steps are 1-based optimizer steps, as in metrics.jsonl and checkpoint tags. A `hang`/`exit` logs
 "fault injection: ..." first, so a test can wait for that line in `logs/train_rank{r}.log`.
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 ENV = "RSMOE_FAULT"
 ACTIONS = ("nan", "inf", "hang", "exit")
-POINTS = ("loss", "after_step", "before_complete")
+POINTS = ("loss", "after_step", "before_complete", "in_export")
 EXIT_CODE = 99
 
 
@@ -79,7 +80,7 @@ def poison_loss(out: dict, step: int) -> dict:
 
 
 def fire(point: str, step: int) -> None:
-    """`hang`/`exit` at a process point (after_step, before_complete)."""
+    """`hang`/`exit` at a process point (after_step, before_complete, in_export)."""
     action = active(point, step)
     if action not in ("hang", "exit"):
         return

@@ -5,11 +5,16 @@ uninterrupted run. Also the 2-rank NaN skip (one rank's loss only) and data coun
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import time
 
+import pytest
 import torch
 
-from conftest import free_port
-from faultkit import adapter, checkpoint_tensors, kill_group, rows, run, same_tensors, start, torchrun_cmd, wait_for_line
+from conftest import REPO, free_port
+from faultkit import (adapter, checkpoint_tensors, kill_group, rows, rsmoe_cmd, run, same_tensors, start, torchrun_cmd,
+                      wait_for_line)
 from rsmoe.checkpoint import COMPLETE, CheckpointManager
 
 
@@ -67,3 +72,40 @@ def test_two_ranks_nan_on_one_rank_is_skipped_on_both_then_tolerance_halts(sampl
     by_step = {r["step"]: r for r in rows(run_dir)}
     assert math.isnan(by_step[3]["loss/total"]) and by_step[5]["optim/skipped_steps"] == 2
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000005"
+
+
+def test_killed_mid_export_final_is_refused_then_the_same_command_rewrites_it(sample_shards, tmp_path):
+    """A run dying while it writes final/ (visual weights and config on disk, INCOMPLETE still there) leaves
+    a directory that Stage II, export and the launchers refuse; the same command writes it again."""
+    from rsmoe.checkpoint import INCOMPLETE, IncompleteModelDir, final_dir_of
+    from rsmoe.export import ExportError, locate
+
+    run_dir = tmp_path / "run"
+    common = ["--config", "tiny", f"data.train_shards={sample_shards['train']}", "train.steps=4", "checkpoint.every=2",
+              "train.num_eval_samples=0", "--run-dir", str(run_dir)]
+    died = run(rsmoe_cmd(common), RSMOE_FAULT="exit:in_export:4")
+    assert died.returncode == 99, died.stderr[-3000:]
+    final = run_dir / "final"
+    assert (final / INCOMPLETE).exists() and (final / "visual.safetensors").exists() and (final / "config.yaml").exists()
+    with pytest.raises(IncompleteModelDir, match="stopped before it finished"):
+        final_dir_of(run_dir)  # what Stage II's --init-from resolves
+    with pytest.raises(ExportError, match="--tag latest"):
+        locate(run_dir, None)
+    marker = run_dir / "logs" / ".started-t"
+    marker.touch()
+    time.sleep(0.05)
+    (final / "config.yaml").touch()
+    lib = os.path.join(REPO, "launchers", "lib.sh")
+    check = f'source "{lib}"; rsmoe_finished "{run_dir}" "{marker}"'
+    assert subprocess.run(["bash", "-c", check]).returncode == 1  # the launchers do not start Stage II on it
+
+    again = run(rsmoe_cmd(common))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step00000004 at step 4" in again.stderr  # nothing retrained: only final/ rewritten
+    assert not (final / INCOMPLETE).exists()
+    assert final_dir_of(run_dir) == final
+    assert subprocess.run(["bash", "-c", check]).returncode == 0
+    full = run(rsmoe_cmd(common[:-1] + [str(tmp_path / "full")]))
+    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = adapter(tmp_path / "full"), adapter(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

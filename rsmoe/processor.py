@@ -16,6 +16,8 @@ import torch
 from rsmoe.models.router import TemplateRouter
 
 # RSICap's instruction templates: Stage I sees them all, so the LLM Block follows any of them.
+PROMPT_CACHE_SIZE = 4096  # distinct prompts kept tokenized (caption prompts: a few dozen)
+
 CAPTION_INSTRUCTIONS = [
     "Describe this image in detail.",
     "Take a look at this image and describe what you notice.",
@@ -39,12 +41,29 @@ class Processor:
 
     def __post_init__(self) -> None:
         self.router = TemplateRouter(self.experts)
+        self._prompt_cache: dict[str, list[int]] = {}
         if self.llm_tokenizer.eos_token_id is None:
             raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
 
     # ------------------------------------------------------------ text -> ids
     def _ids(self, text: str, limit: int) -> list[int]:
         return self.llm_tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        # Prompts come from a few templates per expert: tokenize each once, not once per row.
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:  # question prompts are open-ended
+                self._prompt_cache.clear()
+            ids = self._prompt_cache[prompt] = self._ids(format_prompt(prompt), self.max_prompt_len)
+        return ids
+
+    def _encode_rows(self, rows: list[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
+        """(prompt, target or None) -> (prompt ids, target ids + eos); targets in one batched tokenizer call."""
+        texts = [" " + t.strip() for _, t in rows if t is not None]
+        encoded = iter(self.llm_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        eos = self.llm_tokenizer.eos_token_id
+        return [(self._prompt_ids(p), [] if t is None else next(encoded)[: self.max_target_len - 1] + [eos]) for p, t in rows]
 
     def encode_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.qformer_tokenizer(
@@ -70,11 +89,6 @@ class Processor:
             mask[i, : len(seq)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def _row(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
-        p = self._ids(format_prompt(prompt), self.max_prompt_len)
-        t = self._ids(" " + target.strip(), self.max_target_len - 1) + [self.llm_tokenizer.eos_token_id]
-        return p, t
-
     # ------------------------------------------------------------ training inputs
     def instruction_for(self, batch: dict, i: int, rng: random.Random) -> str:
         given = batch.get("instruction", [None] * len(batch["caption"]))[i]
@@ -87,12 +101,12 @@ class Processor:
             if qa and rng.random() < vqa_prob:
                 item = rng.choice(qa)
                 instr = self.router.question_prompt(item["question"])
-                rows.append(self._row(instr, item["answer"]))
+                rows.append((instr, str(item["answer"])))
             else:
                 instr = self.instruction_for(batch, i, rng)
-                rows.append(self._row(instr, caption))
+                rows.append((instr, caption))
             instructions.append(instr)
-        out = self._pad_right(rows)
+        out = self._pad_right(self._encode_rows(rows))
         out["adapter_index"] = torch.zeros(len(rows), dtype=torch.long)
         out["row_sample"] = torch.arange(len(rows))
         return self._with_visual_inputs(out, batch, instructions)
@@ -122,10 +136,9 @@ class Processor:
             for slot, eid in enumerate(expert_ids):
                 target = parts.get(self.experts[eid], "").strip()
                 if not target:
-                    prompt_only = (self._ids(format_prompt(prompts[eid]), self.max_prompt_len), [])
-                    empty.setdefault(slot, (prompt_only, prefix_id))
+                    empty.setdefault(slot, ((prompts[eid], None), prefix_id))
                     continue
-                rows.append(self._row(prompts[eid], target))
+                rows.append((prompts[eid], target))
                 slots.append(slot)
                 samples.append(prefix_id)
             qa = (batch.get("qa") or [[]] * len(batch["caption"]))[i]
@@ -137,7 +150,7 @@ class Processor:
                 visual_index.append(i)
                 eid = self.experts.index(self.router.route_question(item["question"], item.get("type")))
                 if eid in expert_ids:
-                    rows.append(self._row(question, str(item["answer"])))
+                    rows.append((question, str(item["answer"])))
                     slots.append(expert_ids.index(eid))
                     samples.append(prefix_id)
         for slot, (row, prefix_id) in sorted(empty.items()):
@@ -145,7 +158,7 @@ class Processor:
                 rows.append(row)
                 slots.append(slot)
                 samples.append(prefix_id)
-        out = self._pad_right(rows)
+        out = self._pad_right(self._encode_rows(rows))
         out["adapter_index"] = torch.tensor(slots, dtype=torch.long)
         out["row_sample"] = torch.tensor(samples, dtype=torch.long)
         return self._with_visual_inputs(out, batch, instructions, visual_index)
@@ -161,7 +174,7 @@ class Processor:
     # ------------------------------------------------------------ generation inputs
     def generation_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids (generation continues right after each prompt)."""
-        seqs = [self._ids(format_prompt(p), self.max_prompt_len) for p in prompts]
+        seqs = [self._prompt_ids(p) for p in prompts]
         length = max(len(s) for s in seqs)
         pad = self.llm_tokenizer.pad_token_id
         ids = torch.full((len(seqs), length), pad, dtype=torch.long)

@@ -153,3 +153,39 @@ def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
     assert out["expert_tokens"].tolist() == [0] and out["loss"].item() == 0.0
     out["loss"].backward()
 
+
+
+def test_processor_rows_are_prompt_then_target_eos_tokens_truncated(stage2_model):
+    """The batched, cached tokenization equals tokenizing each row on its own: prompt (format_prompt, cut at
+    max_prompt_len) then ' ' + target cut at max_target_len - 1, then eos; labels only on the target."""
+    import random
+
+    from rsmoe.processor import format_prompt
+
+    _, proc = stage2_model
+    tok = proc.llm_tokenizer
+    long = " ".join(["buildings"] * 80)  # longer than max_target_len
+    batch = {"pixel_values": torch.randn(3, 3, 64, 64), "caption": ["x", "y", "z"], "instruction": [None, "Describe it.", None],
+             "parts": [{"theme": "A harbour.", "objects": long, "relations": "Boats along the pier. "},
+                       {"theme": "A field.", "objects": "", "relations": "Roads cross it."},
+                       {"theme": long, "objects": "Trees.", "relations": ""}],
+             "qa": [[], [], []]}
+    for _ in range(2):  # second pass: every prompt from the cache
+        out = proc.stage2_inputs(batch, random.Random(5), [0, 1, 2])
+        rng = random.Random(5)
+        expected = []
+        for i in range(3):
+            prompts = proc.router.caption_prompts(proc.instruction_for(batch, i, rng))
+            for eid, name in enumerate(proc.experts):
+                target = batch["parts"][i][name].strip()
+                if target:
+                    p = tok(format_prompt(prompts[eid]), add_special_tokens=False)["input_ids"][: proc.max_prompt_len]
+                    t = tok(" " + target, add_special_tokens=False)["input_ids"][: proc.max_target_len - 1] + [tok.eos_token_id]
+                    expected.append((eid, p, t))
+        assert out["adapter_index"].tolist() == [e for e, _, _ in expected]
+        for row, (_, p, t) in enumerate(expected):
+            n = len(p) + len(t)
+            assert out["input_ids"][row, :n].tolist() == p + t
+            assert out["labels"][row, len(p):n].tolist() == t and (out["labels"][row, : len(p)] == -100).all()
+            assert out["attention_mask"][row].sum().item() == n
+        assert any(len(t) == proc.max_target_len for _, _, t in expected)  # the truncation case is exercised

@@ -34,8 +34,8 @@ Per LLM row of S = Q + L_text positions, T_t target tokens (the rows are B in St
   LoRA (own adapter): per adapted (in, out): fwd 2*r*(in+out)*S, x3 with bwd = 6*r*(in+out)*S
   LM head (frozen, target positions only): 4*d*V*T_t
 P_* count the matmul weights of the transformer layers (embeddings are lookups). Achieved TFLOP/s =
-model FLOPs / step time; the ceiling is a big matmul measured in the same run: bf16 on GPU, fp32
-on CPU (the CPU runs are fp32). These formulas reproduce DESIGN §7's anchors (70.1 samples/s ->
+model FLOPs / step time; the ceiling is a big matmul measured in the same run, in the runs'
+precision (bf16 8192^3 on GPU; 1024^3 on CPU, fp32 by default). These formulas reproduce DESIGN §7's anchors (70.1 samples/s ->
 ~76 TFLOP/s for the 1-expert step).
 
 Options: --zero none/2/3 (several), --precision auto/fp32/bf16, --grad-ckpt, --attn sdpa/flash_attention_2
@@ -164,15 +164,16 @@ def _clock(dev) -> float:
     return time.perf_counter() if dev.type == "cuda" else time.process_time()
 
 
-def matmul_ceiling(dev) -> tuple[float, str]:
-    """TFLOP/s of a big square matmul loop: bf16 on GPU, fp32 on CPU (same threads and clock as the runs)."""
+def matmul_ceiling(dev, precision: str) -> tuple[float, str]:
+    """TFLOP/s of a big square matmul loop in the runs' precision (same threads and clock as the runs)."""
     import torch
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if dev.type == "cuda":
-        n, dtype, iters, what = 8192, torch.bfloat16, 50, "bf16 8192^3 matmul"
+        n, iters, what = 8192, 50, f"{precision} 8192^3 matmul"
     else:
-        n, dtype, iters = 1024, torch.float32, 20
-        what = f"fp32 1024^3 matmul, CPU, {torch.get_num_threads()} thread(s), CPU time"
+        n, iters = 1024, 20
+        what = f"{precision} 1024^3 matmul, CPU, {torch.get_num_threads()} thread(s), CPU time"
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     for _ in range(3):
@@ -387,14 +388,15 @@ def build_baseline_step(s: Shape, stage: int, precision: str, grad_ckpt: bool, a
     inp = {k: v for k, v in inp.items() if k not in ("adapter_index", "row_sample")}
 
     def step():
-        loss = None
+        total = 0.0  # summed over the copies, as rsmoe's loss sums its experts' losses
         for mdl, (params, opt) in zip(models, opts):
             loss = mdl(**inp)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return loss
+            total = total + loss.detach()
+        return total
 
     return step, {}
 
@@ -554,7 +556,7 @@ def plan(a) -> list[dict]:
 
 
 def print_table(results: list[dict], ceiling: float, ceiling_what: str) -> None:
-    hdr = f"{'impl':9} {'stage':5} {'zero':6} {'s/step':>8} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>9}  loss"
+    hdr = f"{'impl':9} {'stage':5} {'zero':6} {'s/step':>8} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>9}  loss (sum over experts)"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -611,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
         torch.set_num_threads(a.threads)
-    ceiling, what = matmul_ceiling(dev)
+    precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    ceiling, what = matmul_ceiling(dev, precision)
     s = SHAPES[a.shape]
     if a.batch:
         s.batch = a.batch
@@ -630,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nprofile: rsmoe stage {r['stage']} zero {r['zero']} ({r['device']})\n{r['profile']}")
     micro = None
     if a.lora_micro:
-        prec = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+        prec = precision
         micro = lora_micro(s, dev, prec)
         print(f"\nmulti-adapter LoRA, one gate_proj ({s.d}->{s.inter}, r={s.lora_r}), {s.batch * s.experts} rows x "
               f"{s.queries + s.text_len} positions, fwd+bwd, {prec}:")

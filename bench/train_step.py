@@ -165,25 +165,31 @@ def _clock(dev) -> float:
 
 
 def matmul_ceiling(dev, precision: str) -> tuple[float, str]:
-    """TFLOP/s of a big square matmul loop in the runs' precision (same threads and clock as the runs)."""
+    """TFLOP/s of big square matmul loops in the runs' precision (same threads and clock as the runs):
+    the best of a few sizes and rounds, since a CPU's best GEMM size differs by dtype and the machine is noisy."""
     import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if dev.type == "cuda":
-        n, iters, what = 8192, 50, f"{precision} 8192^3 matmul"
+        sizes, flop_budget, what = [8192], 2 * 8192**3 * 50, f"{precision} 8192^3 matmul"
     else:
-        n, iters = 1024, 20
-        what = f"{precision} 1024^3 matmul, CPU, {torch.get_num_threads()} thread(s), CPU time"
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(dev)
-    t = _clock(dev)
-    for _ in range(iters):
-        a @ b
-    _sync(dev)
-    return 2 * n**3 * iters / (_clock(dev) - t) / 1e12, what
+        sizes, flop_budget = [1024, 2048], 2 * 1024**3 * 20
+        what = f"{precision} matmul, best of 1024^3/2048^3 x 3 rounds, CPU, {torch.get_num_threads()} thread(s), CPU time"
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        iters = max(2, flop_budget // (2 * n**3))
+        for _ in range(3 if dev.type == "cuda" else 1):
+            a @ b
+        for _ in range(1 if dev.type == "cuda" else 3):
+            _sync(dev)
+            t = _clock(dev)
+            for _ in range(iters):
+                a @ b
+            _sync(dev)
+            best = max(best, 2 * n**3 * iters / (_clock(dev) - t) / 1e12)
+    return best, what
 
 
 def peak_gib(dev) -> tuple[float, str]:

@@ -39,7 +39,7 @@ precision (bf16 8192^3 on GPU; 1024^3 on CPU, fp32 by default). These formulas r
 ~76 TFLOP/s for the 1-expert step).
 
 Options: --zero none/2/3 (several), --precision auto/fp32/bf16, --grad-ckpt, --attn sdpa/flash_attention_2
-(flash only if installed), --profile (torch.profiler top ops of rsmoe's Stage II step),
+(flash only if installed), --profile [STAGE:ZERO ...] (torch.profiler top ops of rsmoe runs; default Stage II),
 --lora-micro (multi-adapter LoRA implementations on one FFN layer). No assertion on time.
 """
 
@@ -556,8 +556,8 @@ def plan(a) -> list[dict]:
         if not a.no_baseline:
             runs.append({**base, "impl": "baseline", "stage": stage, "zero": "-"})
         for z in (a.stage1_zero or a.zero) if stage == 1 else a.zero:
-            runs.append({**base, "impl": "rsmoe", "stage": stage, "zero": z,
-                         "profile": bool(a.profile and stage == 2 and z == a.zero[0])})
+            wanted = f"{stage}:{z}" in a.profile if a.profile else (a.profile == [] and stage == 2 and z == a.zero[0])
+            runs.append({**base, "impl": "rsmoe", "stage": stage, "zero": z, "profile": bool(wanted)})
     return runs
 
 
@@ -605,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
-    p.add_argument("--profile", action="store_true", help="torch.profiler top ops of rsmoe's Stage II step (first --zero)")
+    p.add_argument("--profile", nargs="*", metavar="STAGE:ZERO",
+                   help="torch.profiler top ops of these rsmoe runs, e.g. 1:2 2:3 (no value: Stage II with the first --zero)")
     p.add_argument("--lora-micro", action="store_true", help="also time the multi-adapter LoRA implementations")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--child", help=argparse.SUPPRESS)

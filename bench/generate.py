@@ -1,4 +1,4 @@
-"""Caption generation throughput: all experts in ONE batched generate call vs experts in turn.
+"""Generation throughput: all experts in ONE batched generate call vs experts in turn; VQA with each image encoded once.
 
 Both modes run in the same process on the same model and images, alternating, best of
 `--repeats`. A Stage II model is built from a preset with random adapters (no training needed:
@@ -11,6 +11,10 @@ the cost of generation does not depend on the weights' values). Every row genera
 
 Prints a table: captions/s (one caption = every expert's sub-caption + the composed caption),
 generated tokens/s, and the speed-up of batched over in-turn.
+
+`--vqa-questions K` (default 8) adds a VQA table: K questions per image answered in batches of
+`--vqa-batch` questions, each image through the vision encoder once per batch (`image_index`,
+what `rsmoe eval` does) vs once per question (the image repeated per row, as before).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from rsmoe.config import load_config
 from rsmoe.data.loader import preprocess_image
 from rsmoe.data.sample import sample_root
-from rsmoe.inference import GenerationArgs, caption
+from rsmoe.inference import GenerationArgs, answer, caption
 from rsmoe.models import build_model
 from rsmoe.processor import Processor
 
@@ -64,6 +68,8 @@ def main() -> None:
     ap.add_argument("--num-beams", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--free-length", action="store_true", help="stop rows at EOS (work then differs between modes)")
+    ap.add_argument("--vqa-questions", type=int, default=8, help="questions per image for the VQA table (0 = skip it)")
+    ap.add_argument("--vqa-batch", type=int, default=32, help="questions per answer() call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared or loaded CPU more threads spin-wait and swamp the comparison; 0 = torch default)")
     a = ap.parse_args()
@@ -112,6 +118,42 @@ def main() -> None:
             speed = best[True] / t
             tok = f"{tokens / t:9.1f}" if not a.free_length else f"{'~':>9}"
             print(f"| {bs:>5} | {label:<24} | {a.images / t:>10.2f} | {tok} | {speed:>7.2f}x |")
+    if a.vqa_questions:
+        vqa_table(a, model, proc, pixels, dev)
+
+
+QUESTIONS = [("Is there a road?", "presence"), ("How many buildings are there?", "count"),
+             ("Is it a rural or an urban area?", "rural_urban"), ("Is there a water area?", "presence"),
+             ("Are there more buildings than roads?", "comp"), ("How many roads are there?", "count")]
+
+
+def vqa_table(a, model, proc, pixels, dev) -> None:
+    rows = [(i, *QUESTIONS[(i + j) % len(QUESTIONS)]) for i in range(a.images) for j in range(a.vqa_questions)]
+    gen = FixedLength(max_new_tokens=4)
+
+    def run_all(shared: bool) -> None:
+        for s in range(0, len(rows), a.vqa_batch):
+            chunk = rows[s : s + a.vqa_batch]
+            qs, types = [q for _, q, _ in chunk], [t for _, _, t in chunk]
+            if shared:
+                images = sorted({i for i, _, _ in chunk})
+                answer(model, proc, pixels[images].to(dev), qs, types, gen, image_index=[images.index(i) for i, _, _ in chunk])
+            else:
+                answer(model, proc, pixels[[i for i, _, _ in chunk]].to(dev), qs, types, gen)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+    run_all(True)  # warm-up
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(a.repeats):
+        for shared in (True, False):
+            best[shared] = min(best[shared], timed(lambda: run_all(shared)))
+    print(f"\n# VQA: {a.images} images x {a.vqa_questions} questions, {a.vqa_batch} questions per call, 4 new tokens, best of {a.repeats}")
+    header = f"| {'vision encoder runs':<26} | {'answers/s':>9} | {'speed-up':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for shared, label in ((False, "once per question (before)"), (True, "once per image per call")):
+        print(f"| {label:<26} | {len(rows) / best[shared]:>9.2f} | {best[False] / best[shared]:>7.2f}x |")
 
 
 if __name__ == "__main__":

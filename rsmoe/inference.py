@@ -117,15 +117,20 @@ def answer(
     questions: list[str],
     types: list[str | None] | None = None,
     gen: GenerationArgs | None = None,
+    image_index: list[int] | None = None,
 ) -> list[dict]:
-    """One dict per (image, question) row: {'answer', 'expert'}; the router picks the expert."""
+    """One dict per question: {'answer', 'expert'}; the router picks the expert.
+
+    `image_index[i]` is question i's image in `pixel_values`, so several questions about one image
+    encode it once; None = one image per question."""
     gen = gen or GenerationArgs(max_new_tokens=8)
     model.eval()
     types = types or [None] * len(questions)
     dev = next(model.experts.parameters()).device
     prompts = [processor.router.question_prompt(q) for q in questions]
     qids, qmask = processor.encode_instructions(prompts)
-    prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev))
+    index = None if image_index is None else torch.tensor(image_index, dtype=torch.long, device=dev)
+    prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev), index)
     names = model.expert_names
     if names == [STAGE1_EXPERT]:
         experts = [STAGE1_EXPERT] * len(questions)

@@ -166,8 +166,9 @@ class Processor:
     def _with_visual_inputs(
         self, out: dict, batch: dict, instructions: list[str], visual_index: list[int] | None = None
     ) -> dict[str, torch.Tensor]:
-        pixels = batch["pixel_values"]
-        out["pixel_values"] = pixels if visual_index is None or visual_index == list(range(len(pixels))) else pixels[visual_index]
+        out["pixel_values"] = batch["pixel_values"]  # each image once, however many prefixes read it
+        if visual_index is not None and visual_index != list(range(len(batch["pixel_values"]))):
+            out["prefix_image"] = torch.tensor(visual_index, dtype=torch.long)
         out["qformer_input_ids"], out["qformer_attention_mask"] = self.encode_instructions(instructions)
         return out
 

@@ -95,7 +95,7 @@ def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None
         for micro in range(gas):
             for d in range(dp):
                 rng = random.Random(f"{args.seed}/{step}/{micro}/{d}")
-                out = model(**processor.stage2_inputs(next(loaders[d]), rng, ids))
+                out = model(**processor.stage2_inputs(next(loaders[d]), rng, ids, args.data.vqa_prob))
                 (out["loss"] / (gas * dp)).backward()
                 acc += out["expert_loss"]
         losses.append(acc / (gas * dp))
@@ -218,8 +218,9 @@ def test_ep2_dp2_zero3_partitioned_equals_one_process_over_two_shards(sample_sha
 
 
 def test_ep3_three_experts_three_ranks(sample_shards, stage1, tmp_path):
-    """3 ranks, one expert each; batch 2 over 3 EP ranks exercises the padded visual slice."""
-    ov = stage2_overrides(sample_shards, stage1, THREE, steps=3)
+    """3 ranks, one expert each; batch 2 over 3 EP ranks exercises the padded visual slice, and question
+    rows (vqa_prob) prefixes that share their image with a caption prefix."""
+    ov = stage2_overrides(sample_shards, stage1, THREE, steps=3) + ["data.vqa_prob=0.5"]
     run = tmp_path / "ep3"
     launch_stage2(ov, run, "ds_configs/zero2.json", 3, 3)
     assert_matches(run, reference(ov, dp=1))
@@ -278,11 +279,13 @@ def test_world_not_a_multiple_of_ep_fails_in_one_line(sample_shards, stage1, tmp
     assert err.startswith("rsmoe train: error:") and "world size 1 is not a multiple of ep=2" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("batch,ep", [(4, 2), (5, 2), (2, 3)])
-def test_sliced_visual_prefix_runs_each_sample_once_per_ep_group(monkeypatch, batch, ep):
-    """Each EP rank's visual forward sees only its slice (ceil(B/ep) rows; the last rank's padding
-    repeats a sample), and the gathered prefix is the full-batch prefix. The all-gather is simulated:
-    rank r's peers run the same code on their slices."""
+@pytest.mark.parametrize("batch,ep,shared", [(4, 2, False), (5, 2, False), (2, 3, False), (5, 2, True), (4, 3, True)])
+def test_sliced_visual_prefix_runs_each_sample_once_per_ep_group(monkeypatch, batch, ep, shared):
+    """Each EP rank's visual forward sees only its slice (ceil(P/ep) prefixes; the last rank's padding
+    repeats a prefix), and the gathered prefix is the full-batch prefix. With `shared`, prefixes read
+    images through prefix_image (a question prefix beside the caption prefix of its image): a rank
+    encodes each image its slice needs once. The all-gather is simulated: rank r's peers run the same
+    code on their slices."""
     import torch.distributed as dist
 
     from rsmoe.parallel import SlicedVisualPrefix
@@ -291,20 +294,29 @@ def test_sliced_visual_prefix_runs_each_sample_once_per_ep_group(monkeypatch, ba
     proj = torch.nn.Linear(3, 4)
     seen: list[int] = []
 
-    def visual(pixels, ids, mask):
+    def visual(pixels, ids, mask, image_index=None):
         seen.append(pixels.shape[0])
-        return proj(pixels.mean(dim=(2, 3)))[:, None, :] + ids[:, :1, None] * mask[:, :1, None]
+        emb = pixels.mean(dim=(2, 3))
+        emb = emb if image_index is None else emb[image_index]
+        return proj(emb)[:, None, :] + ids[:, :1, None] * mask[:, :1, None]
 
-    pixels, ids, mask = torch.randn(batch, 3, 2, 2), torch.randint(0, 5, (batch, 6)), torch.ones(batch, 6)
-    full = visual(pixels, ids, mask)
+    images = batch - 2 if shared else batch
+    prefix_image = torch.tensor(sorted(list(range(images)) + [0, images - 1])) if shared else None
+    pixels, ids, mask = torch.randn(images, 3, 2, 2), torch.randint(0, 5, (batch, 6)), torch.ones(batch, 6)
+    full = visual(pixels, ids, mask, prefix_image)
     seen.clear()
     for rank in range(ep):
         def fake_gather(parts, part, group=None, rank=rank):
             for r in range(ep):
-                parts[r].copy_(part if r == rank else SlicedVisualPrefix(None, ep, r)._local(visual, pixels, ids, mask))
+                parts[r].copy_(part if r == rank else SlicedVisualPrefix(None, ep, r)._local(visual, pixels, ids, mask, prefix_image))
 
         monkeypatch.setattr(dist, "all_gather", fake_gather)
-        got = SlicedVisualPrefix(None, ep, rank)(visual, pixels, ids, mask)
+        got = SlicedVisualPrefix(None, ep, rank)(visual, pixels, ids, mask, prefix_image)
         torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
     per = -(-batch // ep)
-    assert seen == [per] * (ep * ep)  # every call, own slice or a simulated peer's, is ceil(B/ep) rows
+    img_of = prefix_image if shared else torch.arange(batch)
+    expected = [len(set(img_of[torch.arange(r * per, (r + 1) * per).clamp(max=batch - 1)].tolist())) for r in range(ep)]
+    # Every call (own slice or a simulated peer's) encodes the distinct images of its ceil(P/ep) prefixes.
+    assert seen == [expected[r] for rank in range(ep) for r in [rank] + [q for q in range(ep) if q != rank]]
+    if not shared and batch % ep == 0:
+        assert expected == [per] * ep

@@ -139,11 +139,14 @@ def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
     # theme x2, objects x1, the count question on objects, and one label-free relations row so every adapter steps.
     assert full["adapter_index"].tolist() == [0, 1, 1, 0, 2]
     assert (full["labels"][4] == -100).all() and (full["labels"][:4] != -100).any(dim=1).all()
-    assert full["pixel_values"].shape[0] == 3  # the question gets its own prefix (Q-Former reads the question)
+    # The question gets its own prefix (the Q-Former reads the question), of the same image: 3 prefixes, 2 images.
+    assert full["qformer_input_ids"].shape[0] == 3 and full["pixel_values"].shape[0] == 2
+    assert full["prefix_image"].tolist() == [0, 0, 1]
     assert full["row_sample"].tolist() == [0, 0, 1, 2, 0]
     # An EP rank holding only 'relations' draws the same prefixes, so the EP group's all-gather lines up.
     ep_rank = proc.stage2_inputs(batch, random.Random(0), [2], vqa_prob=1.0)
     assert torch.equal(ep_rank["pixel_values"], full["pixel_values"])
+    assert torch.equal(ep_rank["prefix_image"], full["prefix_image"])
     assert torch.equal(ep_rank["qformer_input_ids"], full["qformer_input_ids"])
     assert ep_rank["adapter_index"].tolist() == [0]
     # That rank's expert has no target in this batch: it still runs a forward/backward, with zero loss.
@@ -189,3 +192,33 @@ def test_processor_rows_are_prompt_then_target_eos_tokens_truncated(stage2_model
             assert out["labels"][row, len(p):n].tolist() == t and (out["labels"][row, : len(p)] == -100).all()
             assert out["attention_mask"][row].sum().item() == n
         assert any(len(t) == proc.max_target_len for _, _, t in expected)  # the truncation case is exercised
+
+
+def test_prefixes_sharing_an_image_encode_it_once_with_the_same_result(stage2_model):
+    """prefix_image: two instructions about one image give the prefixes of that image passed twice, while
+    the frozen vision encoder sees it once (training forward and VQA inference)."""
+    model, proc = stage2_model
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 64, 64)
+    qids, qmask = proc.encode_instructions(["Describe it.", "Is there a road?", "How many houses are there?"])
+    calls = []
+    hook = model.visual.vision.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = model.visual(pixels, qids, qmask, torch.tensor([0, 0, 1]))
+            repeated = model.visual(pixels[[0, 0, 1]], qids, qmask)
+        assert calls == [2, 3]
+        torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+        answers_shared = inference_answer(model, proc, pixels, [0, 0, 1, 1])
+        answers_repeated = inference_answer(model, proc, pixels[[0, 0, 1, 1]], None)
+        assert answers_shared == answers_repeated
+    finally:
+        hook.remove()
+
+
+def inference_answer(model, proc, pixels, image_index):
+    from rsmoe.inference import GenerationArgs, answer
+
+    qs = ["Is there a road?", "How many houses are there?", "Is it a rural area?", "What is the area covered by buildings?"]
+    return answer(model, proc, pixels, qs, ["presence", "count", "rural_urban", "area"], GenerationArgs(max_new_tokens=6),
+                  image_index=image_index)

@@ -76,10 +76,21 @@ class VisualPrefix(nn.Module):
         self.qformer = qformer
         self.proj = nn.Linear(qformer.hidden_size, llm_hidden)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One prefix per instruction row. `image_index` (P,) names each row's image in `pixel_values`
+        (several instructions about one image: the frozen encoder still sees that image once);
+        None = row i reads image i."""
         self.vision.eval()  # frozen: no dropout, running stats untouched
         with torch.no_grad():
             image_embeds = self.vision(pixel_values.to(self.proj.weight.dtype))
+            if image_index is not None:
+                image_embeds = image_embeds[image_index]
         if not self.trainable():
             # Stage II: the prefix is a constant of (image, instruction); computed once per sample
             # (rows index into it) and with no autograd bookkeeping.
@@ -98,7 +109,7 @@ class RSMoE(nn.Module):
         self.experts = experts
         self.expert_names = list(expert_names)
         # Optional replacement for `self.visual(...)` in training forwards, called as
-        # prefix_fn(visual, pixel_values, qformer_input_ids, qformer_attention_mask). Expert
+        # prefix_fn(visual, pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image). Expert
         # parallelism sets one that splits the frozen visual work over the ranks sharing a batch.
         self.prefix_fn: Callable[..., torch.Tensor] | None = None
 
@@ -132,14 +143,17 @@ class RSMoE(nn.Module):
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        prefix_image: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Rows (R) index samples (B) through `row_sample`; give images or a precomputed `prefix` (B,Q,H).
+        """Rows (R) index prefixes (P) through `row_sample`; give images or a precomputed `prefix` (P,Q,H).
+        A prefix is one (image, Q-Former instruction) pair: `prefix_image` (P,) picks its image from
+        `pixel_values` (None: one image per prefix).
 
         Returns {'loss', 'expert_loss' (n_local,) token-mean per local expert (detached),
         'expert_tokens' (n_local,)}. A plain dict so ZeRO-3's hooks can see the tensors.
         """
         if prefix is None:
-            v_in = (pixel_values, qformer_input_ids, qformer_attention_mask)
+            v_in = (pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
             prefix = self.visual(*v_in) if self.prefix_fn is None else self.prefix_fn(self.visual, *v_in)
         row_loss, row_tokens = self.experts(prefix[row_sample], input_ids, attention_mask, labels, adapter_index)
         n = len(self.experts.expert_ids)

@@ -46,20 +46,23 @@ class SlicedVisualPrefix:
         self.group, self.size, self.rank = group, size, rank
 
     def __call__(self, visual: nn.Module, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor,
-                 qformer_attention_mask: torch.Tensor) -> torch.Tensor:
-        part = self._local(visual, pixel_values, qformer_input_ids, qformer_attention_mask)
+                 qformer_attention_mask: torch.Tensor, prefix_image: torch.Tensor | None = None) -> torch.Tensor:
+        part = self._local(visual, pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
         parts = [torch.empty_like(part) for _ in range(self.size)]
         dist.all_gather(parts, part, group=self.group)
-        return torch.cat(parts)[: pixel_values.shape[0]]
+        return torch.cat(parts)[: qformer_input_ids.shape[0]]
 
     def _local(self, visual: nn.Module, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor,
-               qformer_attention_mask: torch.Tensor) -> torch.Tensor:
-        """This rank's rows: ceil(B/ep) of them, from rank * ceil(B/ep), the tail padded with sample B-1."""
-        b = pixel_values.shape[0]
-        per = -(-b // self.size)
-        idx = torch.arange(self.rank * per, (self.rank + 1) * per, device=pixel_values.device).clamp(max=b - 1)
+               qformer_attention_mask: torch.Tensor, prefix_image: torch.Tensor | None) -> torch.Tensor:
+        """This rank's prefixes: ceil(P/ep) of them, from rank * ceil(P/ep), the tail padded with prefix P-1;
+        the images they read go through the vision encoder once each."""
+        p = qformer_input_ids.shape[0]
+        per = -(-p // self.size)
+        idx = torch.arange(self.rank * per, (self.rank + 1) * per, device=qformer_input_ids.device).clamp(max=p - 1)
+        images = idx if prefix_image is None else prefix_image[idx]
+        needed, image_index = torch.unique(images, return_inverse=True)
         with torch.no_grad():  # frozen (train_qformer_stage2 with ep > 1 is refused)
-            return visual(pixel_values[idx], qformer_input_ids[idx], qformer_attention_mask[idx]).contiguous()
+            return visual(pixel_values[needed], qformer_input_ids[idx], qformer_attention_mask[idx], image_index).contiguous()
 
 
 class ExpertParallel:

@@ -187,8 +187,9 @@ def test_vqa_scores_match_a_hand_computation(run_dirs, tmp_path, monkeypatch):
     write_shards(samples, tmp_path / "shards")
     predictions = {q: p for rows in SYNTHETIC.values() for q, _, _, p, _ in rows}
 
-    def fake_answer(model, processor, pixel_values, questions, types=None, gen=None):
-        assert pixel_values.shape[0] == len(questions)
+    def fake_answer(model, processor, pixel_values, questions, types=None, gen=None, image_index=None):
+        # Each image of the call once; every question points at one of them.
+        assert len(image_index) == len(questions) and sorted(set(image_index)) == list(range(pixel_values.shape[0]))
         return [{"answer": predictions[q], "expert": "objects"} for q in questions]
 
     monkeypatch.setattr(inference, "answer", fake_answer)

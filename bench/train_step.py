@@ -11,7 +11,7 @@ random weights with the real shapes. Rows of the table:
   model (frozen ViT under no_grad -> Q-Former -> projection -> ``get_peft_model(LlamaForCausalLM)``
   with LoRA on the FFN, HF's own ``labels=`` loss). Stage I = one copy; Stage II = one full model
   copy per expert, the experts run in turn (forward, backward, optimizer step each). torch AdamW
-  (fused on CUDA), gradient clipping 1.0.
+  (fused, as rsmoe's), gradient clipping 1.0.
 * ``rsmoe``: ``build_model`` -> (Stage II: ``to_stage2``) -> one step through plain torch
   (``--zero none``) or a one-rank DeepSpeed engine from ``rsmoe.engine.build_engine`` with
   ``ds_configs/zero2.json`` / ``zero3.json``. Stage II runs all experts as rows of one batched
@@ -388,7 +388,7 @@ def build_baseline_step(s: Shape, stage: int, precision: str, grad_ckpt: bool, a
             for n, p in mdl.named_parameters():
                 p.requires_grad_("lora_" in n)
         params = [p for p in mdl.parameters() if p.requires_grad]
-        opts.append((params, torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")))
+        opts.append((params, torch.optim.AdamW(params, lr=1e-4, fused=True)))  # same optimizer as rsmoe's
         models.append(mdl.train())
     inp = make_inputs(s, 1, dev)  # every copy sees all B samples with its own sub-caption
     inp = {k: v for k, v in inp.items() if k not in ("adapter_index", "row_sample")}

@@ -204,7 +204,10 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 def build_optimizer(params: list[torch.nn.Parameter], args: TrainArgs):
     o = args.optim
-    fused = device_type() == "cuda"  # torch's fused AdamW: fast, and nothing to JIT-compile
+    # torch's fused AdamW: one multi-threaded kernel, nothing to JIT-compile. On CPU it matters too: under
+    # ZeRO the optimizer sees one flat fp32 partition, and the unfused step's full-size temporaries cost
+    # ~8x the fused kernel (125M params: 1.1 s vs 0.14 s CPU time).
+    fused = device_type() in ("cuda", "cpu")
     opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(o.warmup_steps, args.train.steps, o.min_lr_ratio))
     return opt, sched

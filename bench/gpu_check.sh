@@ -5,7 +5,8 @@
 #   baseline (transformers + peft) Stage I and Stage II (3 model copies in turn),
 #   rsmoe Stage I (ZeRO-2), rsmoe Stage II: plain torch, ZeRO-2, ZeRO-3 (rsmoe's residency rule),
 #   ZeRO-3 as before the rule ("3naive": per-tensor persistence 1e5, per-module hooks),
-# plus the multi-adapter LoRA micro-benchmark. Table on stdout; JSON to $OUT/train_step_rsmoe-1b.json
+# plus the multi-adapter LoRA micro-benchmark and torch.profiler top ops (CPU+CUDA) of the Stage II step, plain
+# and ZeRO-3. Table on stdout; JSON to $OUT/train_step_rsmoe-1b.json
 # when $OUT is set (else bench/out/). No assertion on time.
 #
 # PREPARATION (on a machine with internet, once; the GPU image has no DeepSpeed and no network):
@@ -49,5 +50,5 @@ fi
 # Every configuration is its own process (clean peak memory); 180 s cap each.
 STAGE1="2"; [ "$ZERO" = "none" ] && STAGE1="none"
 timeout 460 $PY bench/train_step.py --shape rsmoe-1b --precision bf16 --zero $ZERO --stage1-zero $STAGE1 \
-  --warmup 3 --steps 8 --timeout 180 --lora-micro --json "$OUTDIR/train_step_rsmoe-1b.json" 2>&1 | tee "$OUTDIR/train_step_rsmoe-1b.txt"
+  --warmup 3 --steps 8 --timeout 180 --lora-micro --profile 2:none 2:3 --json "$OUTDIR/train_step_rsmoe-1b.json" 2>&1 | tee "$OUTDIR/train_step_rsmoe-1b.txt"
 echo "exit ${PIPESTATUS[0]}"

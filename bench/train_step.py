@@ -450,12 +450,15 @@ def run_child(spec: dict) -> dict:
         from torch.profiler import ProfilerActivity, profile as tprofile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with tprofile(activities=acts) as prof:
-            for _ in range(2):
-                step()
-            _sync(dev)
-        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        profile = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48)
+        try:  # after the timing: a profiler failure must not cost the run's numbers
+            with tprofile(activities=acts) as prof:
+                for _ in range(2):
+                    step()
+                _sync(dev)
+            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            profile = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48)
+        except Exception as exc:  # noqa: BLE001
+            profile = f"profiler failed: {type(exc).__name__}: {exc}"
     mem, mem_kind = peak_gib(dev)
     # Median wall time. On CPU the primary figure is the process's CPU time per step at one thread:
     # on a shared machine wall time also measures the neighbours, CPU time measures our work.

@@ -50,7 +50,15 @@ class GenerationArgs:
         return out
 
 
+def _hit_limit(out: torch.Tensor, processor: Processor) -> list[bool]:
+    """Per generated row: True if it never produced eos (finished rows end in eos, then padding)."""
+    tok = processor.llm_tokenizer
+    stop = torch.tensor(sorted({tok.eos_token_id, tok.pad_token_id}), device=out.device)
+    return (~torch.isin(out, stop).any(dim=1)).tolist()
+
+
 def _generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, sequential):
+    """-> (texts, hit_limit) per prompt row."""
     ids, mask = processor.generation_rows(prompts)
     dev = prefix.device
     adapter_index = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -58,17 +66,18 @@ def _generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, se
     kwargs = gen.kwargs(processor)
     if not sequential:
         out = model.experts.generate(prefix[row_sample], ids.to(dev), mask.to(dev), adapter_index, **kwargs)
-        return processor.decode(out)
+        return processor.decode(out), _hit_limit(out, processor)
     texts: list[str] = [""] * len(prompts)
+    cut: list[bool] = [False] * len(prompts)
     for slot in sorted(set(slots)):
         rows = [i for i, s in enumerate(slots) if s == slot]
         sub_ids, sub_mask = processor.generation_rows([prompts[i] for i in rows])
         out = model.experts.generate(
             prefix[row_sample[rows]], sub_ids.to(dev), sub_mask.to(dev), adapter_index[rows], **kwargs
         )
-        for i, t in zip(rows, processor.decode(out)):
-            texts[i] = t
-    return texts
+        for i, t, c in zip(rows, processor.decode(out), _hit_limit(out, processor)):
+            texts[i], cut[i] = t, c
+    return texts, cut
 
 
 @torch.no_grad()
@@ -80,7 +89,8 @@ def caption(
     gen: GenerationArgs | None = None,
     sequential: bool = False,
 ) -> list[dict]:
-    """One dict per image: {'experts': {name: sub-caption}, 'caption': composed caption}."""
+    """One dict per image: {'experts': {name: sub-caption}, 'caption': composed caption, 'truncated':
+    [experts that stopped at max_new_tokens; their cut-off last sentence is not in the caption]}."""
     gen = gen or GenerationArgs()
     model.eval()
     b = pixel_values.shape[0]
@@ -100,12 +110,13 @@ def caption(
             prompts.append(p)
             slots.append(slot)
             samples.append(i)
-    texts = _generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
+    texts, cut = _generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
     results = []
     k = len(names)
     for i in range(b):
         parts = {names[s]: texts[i * k + s] for s in range(k)}
-        results.append({"experts": parts, "caption": compose_caption(parts, names)})
+        truncated = [names[s] for s in range(k) if cut[i * k + s]]
+        results.append({"experts": parts, "caption": compose_caption(parts, names, truncated), "truncated": truncated})
     return results
 
 
@@ -138,5 +149,5 @@ def answer(
         experts = [processor.router.route_question(q, t) for q, t in zip(questions, types)]
         experts = [e if e in names else names[0] for e in experts]
     slots = [names.index(e) for e in experts]
-    texts = _generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
+    texts, _ = _generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
     return [{"answer": t, "expert": e} for t, e in zip(texts, experts)]

@@ -121,6 +121,11 @@ def test_compose_orders_and_dedupes():
     }
     out = compose_caption(parts, ["theme", "objects", "relations"])
     assert out == "This is an aerial image of a harbour. Many boats. there are two piers. A road runs along the river."
+    # An expert stopped by the token limit: its unfinished last sentence is a fragment, left out; a
+    # single unfinished sentence is all that expert said, kept.
+    cut = {"theme": "A harbour.", "objects": "Two piers. There are", "relations": "Boats along the"}
+    assert compose_caption(cut, ["theme", "objects", "relations"], ["objects", "relations"]) == "A harbour. Two piers. Boats along the."
+    assert compose_caption(cut, ["theme", "objects", "relations"]) == "A harbour. Two piers. There are. Boats along the."
 
 
 def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):

@@ -54,7 +54,8 @@ def test_caption_cli_json_on_a_real_image(run_dirs, capsys):
     r = out[0]
     assert list(r["experts"]) == ["theme", "objects", "relations"]
     assert all(isinstance(t, str) for t in r["experts"].values())
-    assert r["caption"] == compose_caption(r["experts"], ["theme", "objects", "relations"])
+    assert r["caption"] == compose_caption(r["experts"], ["theme", "objects", "relations"], r["truncated"])
+    assert set(r["truncated"]) <= set(r["experts"])
     assert out[1]["experts"] == r["experts"]  # same image twice in one batch -> same text
 
 

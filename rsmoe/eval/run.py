@@ -183,7 +183,7 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
         instr = [opts.instruction or x for x in batch["instruction"]]
         caps = inference.caption(trained.model, trained.processor, pixels, instr, cap_gen, sequential=opts.sequential)
         for item, c in zip(items, caps):
-            item["experts"], item["caption"] = dict(c["experts"]), c["caption"]
+            item["experts"], item["caption"], item["truncated"] = dict(c["experts"]), c["caption"], c["truncated"]
     if opts.task in ("vqa", "both"):
         rows = []
         for i in range(n):

@@ -147,12 +147,14 @@ class ExpertParallel:
         if not self.enabled:
             return results
         gathered: list = [None] * self.layout.ep
-        dist.all_gather_object(gathered, [r["experts"] for r in results], group=self.layout.group("ep"))
+        dist.all_gather_object(gathered, [(r["experts"], r["truncated"]) for r in results], group=self.layout.group("ep"))
         merged = []
         for i in range(len(results)):
-            parts = {}
+            parts, truncated = {}, set()
             for block in gathered:
-                parts.update(block[i])
+                parts.update(block[i][0])
+                truncated.update(block[i][1])
             parts = {n: parts[n] for n in self.all_names}
-            merged.append({"experts": parts, "caption": compose_caption(parts, self.all_names)})
+            cut = [n for n in self.all_names if n in truncated]
+            merged.append({"experts": parts, "caption": compose_caption(parts, self.all_names, cut), "truncated": cut})
         return merged

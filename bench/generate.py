@@ -29,7 +29,7 @@ import torch
 from rsmoe.config import load_config
 from rsmoe.data.loader import preprocess_image
 from rsmoe.data.sample import sample_root
-from rsmoe.inference import GenerationArgs, answer, caption
+from rsmoe.inference import GenerationArgs, answer, caption, images_once
 from rsmoe.models import build_model
 from rsmoe.processor import Processor
 
@@ -136,8 +136,8 @@ def vqa_table(a, model, proc, pixels, dev) -> None:
             chunk = rows[s : s + a.vqa_batch]
             qs, types = [q for _, q, _ in chunk], [t for _, _, t in chunk]
             if shared:
-                images = sorted({i for i, _, _ in chunk})
-                answer(model, proc, pixels[images].to(dev), qs, types, gen, image_index=[images.index(i) for i, _, _ in chunk])
+                images, image_index = images_once([i for i, _, _ in chunk])
+                answer(model, proc, pixels[images].to(dev), qs, types, gen, image_index=image_index)
             else:
                 answer(model, proc, pixels[[i for i, _, _ in chunk]].to(dev), qs, types, gen)
             if dev.type == "cuda":

@@ -35,7 +35,7 @@ Per LLM row of S = Q + L_text positions, T_t target tokens (the rows are B in St
   LM head (frozen, target positions only): 4*d*V*T_t
 P_* count the matmul weights of the transformer layers (embeddings are lookups). Achieved TFLOP/s =
 model FLOPs / step time; the ceiling is a big matmul measured in the same run, in the runs'
-precision (bf16 8192^3 on GPU; 1024^3 on CPU, fp32 by default). These formulas reproduce DESIGN §7's anchors (70.1 samples/s ->
+precision (bf16 8192^3 on GPU; on CPU, fp32 by default, the best of 1024^3 and 2048^3 over 3 rounds). These formulas reproduce DESIGN §7's anchors (70.1 samples/s ->
 ~76 TFLOP/s for the 1-expert step).
 
 Options: --zero none/2/3 (several), --precision auto/fp32/bf16, --grad-ckpt, --attn sdpa/flash_attention_2
@@ -643,10 +643,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nprofile: rsmoe stage {r['stage']} zero {r['zero']} ({r['device']})\n{r['profile']}")
     micro = None
     if a.lora_micro:
-        prec = precision
-        micro = lora_micro(s, dev, prec)
+        micro = lora_micro(s, dev, precision)
         print(f"\nmulti-adapter LoRA, one gate_proj ({s.d}->{s.inter}, r={s.lora_r}), {s.batch * s.experts} rows x "
-              f"{s.queries + s.text_len} positions, fwd+bwd, {prec}:")
+              f"{s.queries + s.text_len} positions, fwd+bwd, {precision}:")
         for name, ms, err in micro:
             print(f"  {name:40} {ms:9.2f} ms   max|diff| vs before {err:.1e}")
     if a.json:

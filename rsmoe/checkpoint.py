@@ -235,6 +235,28 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+INCOMPLETE_TEXT = (
+    "rsmoe train is writing this model directory. If no run is writing it, the run was stopped part-way "
+    "and the directory must not be used: run the same train command again (it resumes from the last "
+    "checkpoint and writes final/ again), or export a checkpoint with `rsmoe export RUN_DIR --tag latest`.\n"
+)
+
+
+def require_complete(model_dir: str | Path) -> None:
+    """Raise if `model_dir` is a model directory whose export never finished."""
+    d = Path(model_dir)
+    if (d / INCOMPLETE).exists():
+        raise IncompleteModelDir(
+            f"{d} is incomplete: the run that wrote it was stopped before it finished ({INCOMPLETE} is still there). "
+            "Run the same train command again: it resumes from the last checkpoint and writes final/ again "
+            "(or export a checkpoint: rsmoe export <run dir> --tag latest)."
+        )
+
+
+class IncompleteModelDir(FileNotFoundError):
+    """A final/ directory left by a run stopped while writing it."""
+
+
 def export_final(
     model,
     args,
@@ -289,28 +311,6 @@ def export_final(
     return out
 
 
-INCOMPLETE_TEXT = (
-    "rsmoe train is writing this model directory. If no run is writing it, the run was stopped part-way "
-    "and the directory must not be used: run the same train command again (it resumes from the last "
-    "checkpoint and writes final/ again), or export a checkpoint with `rsmoe export RUN_DIR --tag latest`.\n"
-)
-
-
-def require_complete(model_dir: str | Path) -> None:
-    """Raise if `model_dir` is a model directory whose export never finished."""
-    d = Path(model_dir)
-    if (d / INCOMPLETE).exists():
-        raise IncompleteModelDir(
-            f"{d} is incomplete: the run that wrote it was stopped before it finished ({INCOMPLETE} is still there). "
-            "Run the same train command again: it resumes from the last checkpoint and writes final/ again "
-            "(or export a checkpoint: rsmoe export <run dir> --tag latest)."
-        )
-
-
-class IncompleteModelDir(FileNotFoundError):
-    """A final/ directory left by a run stopped while writing it."""
-
-
 def _write_adapters(experts, lora: dict[str, torch.Tensor], out: Path, names: list[str], stage: int) -> None:
     from safetensors.torch import save_file
 
@@ -337,13 +337,22 @@ def load_adapter_into(experts, slot: int, adapter_dir: str | Path) -> None:
                 getattr(layer, f"lora_{ab}")[slot].copy_(state[key])
 
 
-def final_dir_of(path: str | Path) -> Path:
-    """A Stage I run directory (or its final/) -> the model directory Stage II starts from."""
+def find_model_dir(path: str | Path) -> Path | None:
+    """A run directory's final/, or `path` itself if it is a model directory; None if neither.
+    Raises IncompleteModelDir for one whose export never finished."""
     p = Path(path)
     for d in (p / "final", p):
         if (d / "visual.safetensors").exists() or (d / INCOMPLETE).exists():
             require_complete(d)
             return d
+    return None
+
+
+def final_dir_of(path: str | Path) -> Path:
+    """A Stage I run directory (or its final/) -> the model directory Stage II starts from."""
+    d = find_model_dir(path)
+    if d is not None:
+        return d
     raise FileNotFoundError(
         f"Stage II needs a finished Stage I run: '{path}' has no final/visual.safetensors. "
         "Run Stage I to the end first (or point --init-from at its run directory)."

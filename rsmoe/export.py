@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rsmoe.checkpoint import COMPLETE, ENGINE_META, INCOMPLETE, CheckpointManager, final_dir_of, load_finished_stage, load_model_dir
+from rsmoe.checkpoint import (COMPLETE, ENGINE_META, CheckpointManager, IncompleteModelDir, final_dir_of, find_model_dir,
+                              load_finished_stage, load_model_dir)
 from rsmoe.config import TrainArgs, dump_config, read_config
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,11 @@ def locate(source: str | Path, tag: str | None) -> Source:
     if not p.exists():
         raise ExportError(f"{p} does not exist: give a run directory (with final/ or checkpoints/) or a final/ directory")
     if tag is None:
-        final = p / "final" if any((p / "final" / f).exists() for f in ("visual.safetensors", INCOMPLETE)) else p
-        if (final / INCOMPLETE).exists():
-            raise ExportError(f"{final} is incomplete: the run was stopped while writing it. Export its last "
-                              "checkpoint instead (add --tag latest), or run the same train command again to rewrite it")
-        if not (final / "visual.safetensors").exists():
+        try:
+            final = find_model_dir(p)
+        except IncompleteModelDir as exc:  # its message names `--tag latest` and the rerun
+            raise ExportError(str(exc)) from None
+        if final is None:
             hint = " (it has checkpoints: add --tag latest)" if (p / "checkpoints").is_dir() else ""
             raise ExportError(f"{p} has no final/visual.safetensors: the stage did not finish{hint}")
         if not (final / "config.yaml").exists():

@@ -120,6 +120,14 @@ def caption(
     return results
 
 
+def images_once(image_of: list[int]) -> tuple[list[int], list[int]]:
+    """Each question's image -> (the distinct images, in order; each question's position among them):
+    pass `pixel_values[distinct]` and `image_index=positions` to `answer` to encode every image once."""
+    distinct = sorted(set(image_of))
+    position = {img: k for k, img in enumerate(distinct)}
+    return distinct, [position[img] for img in image_of]
+
+
 @torch.no_grad()
 def answer(
     model: RSMoE,

@@ -46,16 +46,14 @@ class Processor:
             raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
 
     # ------------------------------------------------------------ text -> ids
-    def _ids(self, text: str, limit: int) -> list[int]:
-        return self.llm_tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
-
     def _prompt_ids(self, prompt: str) -> list[int]:
         # Prompts come from a few templates per expert: tokenize each once, not once per row.
         ids = self._prompt_cache.get(prompt)
         if ids is None:
             if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:  # question prompts are open-ended
                 self._prompt_cache.clear()
-            ids = self._prompt_cache[prompt] = self._ids(format_prompt(prompt), self.max_prompt_len)
+            ids = self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"][: self.max_prompt_len]
+            self._prompt_cache[prompt] = ids
         return ids
 
     def _encode_rows(self, rows: list[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:

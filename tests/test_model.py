@@ -162,7 +162,6 @@ def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
     out["loss"].backward()
 
 
-
 def test_processor_rows_are_prompt_then_target_eos_tokens_truncated(stage2_model):
     """The batched, cached tokenization equals tokenizing each row on its own: prompt (format_prompt, cut at
     max_prompt_len) then ' ' + target cut at max_target_len - 1, then eos; labels only on the target."""

@@ -192,11 +192,10 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
             items[i]["qa"] = []
         for start in range(0, len(rows), opts.vqa_batch_size):
             chunk = rows[start : start + opts.vqa_batch_size]
-            images = sorted({i for i, _ in chunk})  # an image with many questions is encoded once
+            images, image_index = inference.images_once([i for i, _ in chunk])  # many questions, one encoding
             answers = inference.answer(
                 trained.model, trained.processor, pixels[images],
-                [q["question"] for _, q in chunk], [q.get("type") for _, q in chunk], vqa_gen,
-                image_index=[images.index(i) for i, _ in chunk],
+                [q["question"] for _, q in chunk], [q.get("type") for _, q in chunk], vqa_gen, image_index=image_index,
             )
             for (i, q), a in zip(chunk, answers):
                 items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],

@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rsmoe", "rsmoe.*"]),
-    package_data={"rsmoe": ["configs/*.yaml", "assets/tiny_tokenizer/*"]},
+    package_data={"rsmoe": ["config/presets/*.yaml", "assets/tiny_tokenizer/*"]},
     install_requires=[
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
         "torch==2.13.0",

@@ -2,7 +2,7 @@
 
 import sys
 
-from rsmoe.train import main
+from rsmoe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

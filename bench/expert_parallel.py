@@ -52,23 +52,23 @@ def rss_mib() -> float:
 def worker(out_dir: Path, overrides: list[str]) -> None:
     import deepspeed  # noqa: F401  (imported lazily by training; counted in the baseline like torch)
 
-    import rsmoe.engine
-    import rsmoe.train
+    import rsmoe.training.engine
+    import rsmoe.training.loop
     from rsmoe.config import load_config
-    from rsmoe.distributed import shutdown_distributed
+    from rsmoe.distributed.env import shutdown_distributed
 
     base_rss = rss_mib()  # after imports: what every rank pays before any model exists
     engines = []
-    build = rsmoe.engine.build_engine
+    build = rsmoe.training.engine.build_engine
 
     def keep(*a, **k):  # observe the engine the training loop builds; nothing else changes
         engine, cfg = build(*a, **k)
         engines.append(engine)
         return engine, cfg
 
-    rsmoe.train.build_engine = keep
+    rsmoe.training.loop.build_engine = keep
     try:
-        rsmoe.train.train(load_config("tiny", overrides))
+        rsmoe.training.loop.train(load_config("tiny", overrides))
         _record(out_dir, engines[0], base_rss)
     finally:
         shutdown_distributed()
@@ -77,7 +77,7 @@ def worker(out_dir: Path, overrides: list[str]) -> None:
 def _record(out_dir: Path, engine, base_rss: float) -> None:
     import torch
 
-    from rsmoe.distributed import world_info_from_env
+    from rsmoe.distributed.env import world_info_from_env
 
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
     opt_bytes = sum(t.numel() * t.element_size() for st in engine.optimizer.optimizer.state.values()

@@ -29,9 +29,10 @@ import torch
 from rsmoe.config import load_config
 from rsmoe.data.loader import preprocess_image
 from rsmoe.data.sample import sample_root
-from rsmoe.inference import GenerationArgs, answer, caption, images_once
-from rsmoe.models import build_model
-from rsmoe.processor import Processor
+from rsmoe.config import GenerationArgs
+from rsmoe.inference.generate import answer, caption, images_once
+from rsmoe.models.build import build_model
+from rsmoe.data.processor import Processor
 
 
 class FixedLength(GenerationArgs):
@@ -80,8 +81,7 @@ def main() -> None:
     m = cfg.model
     model, llm_tok, q_tok = build_model(m, seed=0)
     n_exp = len(m.experts)
-    model.to_stage2(list(range(n_exp)), seed=0)
-    model.expert_names = list(m.experts)
+    model.to_stage2(list(range(n_exp)), 0, m.experts)
     # Non-zero adapters, so each row really uses its own expert's weights.
     with torch.no_grad():
         for p in model.experts.lora_parameters():

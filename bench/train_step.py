@@ -13,7 +13,7 @@ random weights with the real shapes. Rows of the table:
   copy per expert, the experts run in turn (forward, backward, optimizer step each). torch AdamW
   (fused, as rsmoe's), gradient clipping 1.0.
 * ``rsmoe``: ``build_model`` -> (Stage II: ``to_stage2``) -> one step through plain torch
-  (``--zero none``) or a one-rank DeepSpeed engine from ``rsmoe.engine.build_engine`` with
+  (``--zero none``) or a one-rank DeepSpeed engine from ``rsmoe.training.engine.build_engine`` with
   ``ds_configs/zero2.json`` / ``zero3.json``. Stage II runs all experts as rows of one batched
   forward over one frozen base, the visual prefix computed once per sample.
 
@@ -270,14 +270,13 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
     import torch
 
     from rsmoe.config import TrainArgs
-    from rsmoe.models.rsmoe import build_model
+    from rsmoe.models.build import build_model
 
     m = rsmoe_model_args(s, grad_ckpt, attn)
     with torch.device(dev):  # random init directly on the GPU: seconds instead of a minute for 2B params
         model, _, _ = build_model(m, seed=0, tokenizers=(ShapeTokenizer(s.vocab), ShapeTokenizer(s.q_vocab)))
     if stage == 2:
-        model.to_stage2(list(range(s.experts)), seed=0)
-        model.expert_names = list(m.experts)
+        model.to_stage2(list(range(s.experts)), 0, m.experts)
     args = TrainArgs()
     args.model, args.stage = m, stage
     args.train.micro_batch_size, args.train.precision, args.train.steps = s.batch, precision, 1000
@@ -285,7 +284,7 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
     inputs = make_inputs(s, stage, dev)
     info = {}
     if zero == "none":
-        from rsmoe.engine import build_optimizer
+        from rsmoe.training.engine import build_optimizer
 
         model.to(dev, dtype)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -302,8 +301,9 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
         model.train()
         return step, info
 
-    from rsmoe.distributed import ParallelLayout, init_distributed
-    from rsmoe.engine import build_engine, load_ds_json
+    from rsmoe.distributed.env import init_distributed
+    from rsmoe.distributed.layout import ParallelLayout
+    from rsmoe.training.engine import build_engine, load_ds_json
 
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     init_distributed()
@@ -312,10 +312,10 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
     model.to(dev)
     ds = load_ds_json(REPO / "ds_configs" / f"zero{zero[0]}.json")
     if zero == "3naive":  # zero3.json before rsmoe's residency rule: DeepSpeed's per-tensor 1e5, per-module hooks
-        import rsmoe.engine
+        import rsmoe.training.engine
 
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 100000
-        rsmoe.engine.mark_frozen_resident_leaves = lambda model, resident: []
+        rsmoe.training.engine.mark_frozen_resident_leaves = lambda model, resident: []
     engine, cfg = build_engine(model, args, layout, ds)
     z = cfg["zero_optimization"]
     info["ds_zero"] = {k: z[k] for k in ("stage", "stage3_param_persistence_threshold", "stage3_model_persistence_threshold") if k in z}

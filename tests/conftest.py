@@ -49,6 +49,6 @@ def dist_env(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     yield
-    from rsmoe.distributed import shutdown_distributed
+    from rsmoe.distributed.env import shutdown_distributed
 
     shutdown_distributed()

@@ -42,19 +42,20 @@ def dump_state(engine) -> dict:
 
 def load_and_dump(args):
     """Build the run's engine, restore its latest tag (reshaping if needed), dump the state on every rank."""
-    from rsmoe.checkpoint import CheckpointManager
-    from rsmoe.distributed import ParallelLayout, init_distributed
-    from rsmoe.engine import build_engine, load_ds_json
-    from rsmoe.train import build_stage_model
+    from rsmoe.training.checkpointer import CheckpointManager
+    from rsmoe.distributed.env import init_distributed
+    from rsmoe.distributed.layout import ParallelLayout
+    from rsmoe.training.engine import build_engine, load_ds_json
+    from rsmoe.training.builders import build_stage_model
 
     info = init_distributed()
     layout = ParallelLayout(len(args.model.experts), 1, info.world_size, info.rank)
     layout.build_groups()
     model, _, _ = build_stage_model(args, layout)
     engine, _ = build_engine(model, args, layout, load_ds_json(args.deepspeed_config))
-    restored = CheckpointManager(args.run_dir).load([engine])
+    restored, _tag = CheckpointManager(args.run_dir).load([engine])
     state = dump_state(engine)
-    state["train_state"] = restored
+    state["train_state"] = restored.to_dict()
     return state
 
 
@@ -69,8 +70,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from rsmoe.config import load_config
-    from rsmoe.distributed import shutdown_distributed
-    from rsmoe.train import train
+    from rsmoe.distributed.env import shutdown_distributed
+    from rsmoe.training.loop import train
 
     out, train_shards, val_shards = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     one_rank_run = sys.argv[4] if len(sys.argv) > 4 else None

@@ -79,13 +79,15 @@ def test_tiny_tokenizer_loads_offline_without_bos() -> None:
 
 
 def test_cli_lists_and_prepares(capsys: pytest.CaptureFixture[str]) -> None:
+    from rsmoe.cli import assets as assets_cli
+
     parser = argparse.ArgumentParser()
-    assets.add_arguments(parser)
-    assert assets.main(parser.parse_args(["--list"])) == 0
+    assets_cli.add_arguments(parser)
+    assert assets_cli.run(parser.parse_args(["--list"])) == 0
     out = capsys.readouterr().out
     for name in ASSETS:
         assert f"asset:{name}" in out
-    assert assets.main(parser.parse_args(["--prepare", "tiny-tokenizer"])) == 0
+    assert assets_cli.run(parser.parse_args(["--prepare", "tiny-tokenizer"])) == 0
     assert "tiny_tokenizer" in capsys.readouterr().out
 
 
@@ -126,7 +128,7 @@ def test_smollm2_materialises_once_as_plain_hf_dir(smollm2_dir: Path) -> None:
 
 
 def test_smollm2_loads_and_speaks_english(smollm2_dir: Path) -> None:
-    from rsmoe.models.loading import load_causal_lm
+    from rsmoe.models.hf_weights import load_causal_lm
 
     model, tok = load_causal_lm("asset:smollm2-135m-instruct")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 576

@@ -1,5 +1,4 @@
 """Converters (one per public format), shard writer/manifest, bundled sample build."""
-import argparse
 import io
 import json
 import tarfile
@@ -34,11 +33,10 @@ def read_shards(out: Path) -> dict[str, dict]:
 
 
 def run_cli(tmp_path: Path, *argv: str) -> tuple[int, dict]:
-    p = argparse.ArgumentParser()
-    convert.add_arguments(p)
+    from rsmoe import cli
+
     out = tmp_path / "out"
-    args = p.parse_args([*argv, "--out", str(out), "--no-progress"])
-    rc = convert.main(args)
+    rc = cli.main(["convert", *argv, "--out", str(out), "--no-progress"])
     return rc, json.loads((out / "manifest.json").read_text()) if rc == 0 else {}
 
 

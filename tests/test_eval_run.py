@@ -25,8 +25,8 @@ def tiny_run(sample_shards: dict) -> dict[str, Path]:
     if _RUN:
         return _RUN
     from rsmoe.config import load_config
-    from rsmoe.distributed import shutdown_distributed
-    from rsmoe.train import train
+    from rsmoe.distributed.env import shutdown_distributed
+    from rsmoe.training.loop import train
 
     root = Path(tempfile.mkdtemp(prefix="rsmoe-eval-run-"))
     atexit.register(shutil.rmtree, root, True)
@@ -172,7 +172,7 @@ SYNTHETIC = {
 
 
 def test_vqa_scores_match_a_hand_computation(run_dirs, tmp_path, monkeypatch):
-    from rsmoe import inference
+    from rsmoe.inference import generate as inference
     from rsmoe.data.schema import Sample
     from rsmoe.data.shards import write_shards
     from rsmoe.eval.run import evaluate

@@ -29,7 +29,7 @@ from conftest import REPO, free_port
 from test_distributed import launch
 
 from rsmoe.config import ConfigError, load_config
-from rsmoe.distributed import ParallelLayout
+from rsmoe.distributed.layout import ParallelLayout
 
 RTOL = 1e-5
 CLIP = 0.05  # the tiny model's first-step grad norms are ~2: every step clips
@@ -43,8 +43,8 @@ THREE = ["theme", "objects", "relations"]
 @pytest.fixture(scope="module")
 def stage1(sample_shards, tmp_path_factory) -> Path:
     """A finished Stage I run (single process, in-process), shared by every layout below."""
-    from rsmoe.distributed import shutdown_distributed
-    from rsmoe.train import train
+    from rsmoe.distributed.env import shutdown_distributed
+    from rsmoe.training.loop import train
 
     run = tmp_path_factory.mktemp("ep") / "stage1"
     with pytest.MonkeyPatch.context() as mp:
@@ -77,8 +77,8 @@ def launch_stage2(overrides: list[str], run_dir: Path, ds_json: str, nproc: int,
 def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None = None) -> dict:
     """One process holding every expert, replaying dp data shards. `clip_blocks`: clip each block of
     experts by its own norm instead of the global one (what a rank-local clip would do)."""
-    from rsmoe.engine import build_optimizer
-    from rsmoe.train import build_stage_model, build_train_loader
+    from rsmoe.training.engine import build_optimizer
+    from rsmoe.training.builders import build_stage_model, build_train_loader
 
     args = load_config("tiny", overrides)
     n = len(args.model.experts)
@@ -87,7 +87,7 @@ def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None
     layers = list(model.experts.lora_layers.values())
     params = model.experts.lora_parameters()
     opt, sched = build_optimizer(params, args)
-    loaders = [iter(build_train_loader(args, args.model.vision, ParallelLayout(n, 1, dp, d))) for d in range(dp)]
+    loaders = [iter(build_train_loader(args, ParallelLayout(n, 1, dp, d))) for d in range(dp)]
     gas = args.train.grad_accum
     losses, norms = [], []
     for step in range(args.train.steps):
@@ -177,10 +177,11 @@ def test_ep2_dp1_zero3_equals_one_process_and_generates(sample_shards, stage1, t
 def test_ep2_dp1_zero2_resumed_equals_one_process_and_loads_in_one_process(sample_shards, stage1, tmp_path):
     """Stopped after 2 of 4 steps and resumed with ep=2: every step (and the end) equals one uninterrupted
     process. The experts, each written by the rank holding it, load into one single-process model."""
-    from rsmoe.checkpoint import load_model_dir
-    from rsmoe.inference import GenerationArgs, caption
-    from rsmoe.models import build_model
-    from rsmoe.processor import Processor
+    from rsmoe.io.model_dir import load_finished_stage
+    from rsmoe.config import GenerationArgs
+    from rsmoe.inference.generate import caption
+    from rsmoe.models.build import build_model
+    from rsmoe.data.processor import Processor
 
     ov = stage2_overrides(sample_shards, stage1, TWO, steps=4)
     run = tmp_path / "ep2"
@@ -195,11 +196,11 @@ def test_ep2_dp1_zero2_resumed_equals_one_process_and_loads_in_one_process(sampl
 
     args = load_config("tiny", ov)
     model, llm_tok, q_tok = build_model(args.model, seed=args.seed)
-    load_model_dir(run / "final", model, stage2_expert_ids=[0, 1], seed=args.seed)
+    load_finished_stage(run / "final", model, load_config("tiny", ov + ["stage=2"]))
     for slot, e in enumerate(TWO):
         for k, v in model.experts.adapter_state(slot).items():
             assert rel_err(v, ref["adapters"][e][k]) <= RTOL, (e, k)
-    model.expert_names = TWO
+    assert model.expert_names == TWO
     proc = Processor(llm_tok, q_tok, TWO, args.model.max_prompt_len, args.model.max_target_len,
                      args.model.qformer.max_instruction_len)
     res = caption(model, proc, torch.zeros(1, 3, 64, 64), gen=GenerationArgs(max_new_tokens=4))
@@ -242,7 +243,7 @@ def test_layout_errors_are_clear():
 
 
 def test_train_qformer_with_ep_is_refused():
-    from rsmoe.parallel import ExpertParallel
+    from rsmoe.distributed.expert_parallel import ExpertParallel
 
     args = load_config("tiny", ["stage=2", "distributed.ep=2", "model.experts=[theme,objects]",
                                 "model.train_qformer_stage2=true"])
@@ -251,7 +252,7 @@ def test_train_qformer_with_ep_is_refused():
 
 
 def test_resume_with_another_expert_layout_is_refused(tmp_path):
-    from rsmoe.parallel import ExpertParallel
+    from rsmoe.distributed.expert_parallel import ExpertParallel
 
     tag = tmp_path / "step00000002"
     (tag / "experts-theme").mkdir(parents=True)
@@ -267,14 +268,11 @@ def test_resume_with_another_expert_layout_is_refused(tmp_path):
 
 
 def test_world_not_a_multiple_of_ep_fails_in_one_line(sample_shards, stage1, tmp_path, dist_env, capsys):
-    import argparse
+    from rsmoe import cli
 
-    from rsmoe.train import run
-
-    ns = argparse.Namespace(config="tiny", stage=2, run_dir=str(tmp_path / "s2"), init_from=str(stage1),
-                            deepspeed=f"{REPO}/ds_configs/zero2.json", local_rank=None,
-                            overrides=["distributed.ep=2", "model.experts=[theme,objects]"])
-    assert run(ns) == 2
+    assert cli.main(["train", "--config", "tiny", "--stage", "2", "--run-dir", str(tmp_path / "s2"), "--init-from",
+                     str(stage1), "--deepspeed", f"{REPO}/ds_configs/zero2.json", "distributed.ep=2",
+                     "model.experts=[theme,objects]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rsmoe train: error:") and "world size 1 is not a multiple of ep=2" in err and err.count("\n") == 1
 
@@ -286,9 +284,8 @@ def test_sliced_visual_prefix_runs_each_sample_once_per_ep_group(monkeypatch, ba
     images through prefix_image (a question prefix beside the caption prefix of its image): a rank
     encodes each image its slice needs once. The all-gather is simulated: rank r's peers run the same
     code on their slices."""
-    import torch.distributed as dist
-
-    from rsmoe.parallel import SlicedVisualPrefix
+    from rsmoe.distributed import collectives
+    from rsmoe.distributed.expert_parallel import SlicedVisualPrefix
 
     torch.manual_seed(0)
     proj = torch.nn.Linear(3, 4)
@@ -306,11 +303,11 @@ def test_sliced_visual_prefix_runs_each_sample_once_per_ep_group(monkeypatch, ba
     full = visual(pixels, ids, mask, prefix_image)
     seen.clear()
     for rank in range(ep):
-        def fake_gather(parts, part, group=None, rank=rank):
-            for r in range(ep):
-                parts[r].copy_(part if r == rank else SlicedVisualPrefix(None, ep, r)._local(visual, pixels, ids, mask, prefix_image))
+        def fake_gather(part, group=None, rank=rank):
+            return torch.cat([part if r == rank else SlicedVisualPrefix(None, ep, r)._local(visual, pixels, ids, mask, prefix_image)
+                              for r in range(ep)])
 
-        monkeypatch.setattr(dist, "all_gather", fake_gather)
+        monkeypatch.setattr(collectives, "all_gather_cat", fake_gather)
         got = SlicedVisualPrefix(None, ep, rank)(visual, pixels, ids, mask, prefix_image)
         torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
     per = -(-batch // ep)

@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 
 from conftest import REPO, free_port
 from rsmoe.config import load_config
-from rsmoe.distributed import shutdown_distributed
-from rsmoe.export import ExportError, export_run
-from rsmoe.models.lora import adapters_active
+from rsmoe.distributed.env import shutdown_distributed
+from rsmoe.io.export import ExportError, export_run
+from rsmoe.training.state import TrainState
+from rsmoe.models.multi_lora import adapters_active
 
 EXPERTS = ("theme", "objects", "relations")
 
 
 def _train(overrides: list[str]) -> dict:
-    from rsmoe.train import train
+    from rsmoe.training.loop import train
 
     os.environ["MASTER_PORT"] = str(free_port())
     try:
@@ -47,21 +48,22 @@ def runs(tmp_path_factory, sample_shards) -> dict[str, Path]:
 
 def _trained_model(final: Path, stage: int):
     """The model as training left it: rebuilt from the config and the final/ directory train.py wrote."""
-    from rsmoe.checkpoint import load_model_dir
     from rsmoe.config import from_dict
-    from rsmoe.models import build_model
+    from rsmoe.io.model_dir import load_finished_stage
+    from rsmoe.models.build import build_model
     import yaml
 
     args = from_dict(yaml.safe_load((final / "config.yaml").read_text()))
+    assert args.stage == stage
     model, llm_tok, q_tok = build_model(args.model, args.seed)
-    load_model_dir(final, model, stage2_expert_ids=[0, 1, 2] if stage == 2 else None)
+    load_finished_stage(final, model, args)
     return model.eval(), llm_tok, q_tok, args
 
 
 def _inputs(model, llm_tok, q_tok, args, sample_shards):
     """Visual prefix of real sample images + a tokenised prompt: the embeddings an expert reads."""
     from rsmoe.data.loader import build_loader
-    from rsmoe.processor import Processor
+    from rsmoe.data.processor import Processor
 
     v = args.model.vision
     batch = next(iter(build_loader(sample_shards["val"], batch_size=2, image_size=v.image_size,
@@ -125,7 +127,7 @@ def test_exported_experts_match_the_training_model(runs, sample_shards):
 
 def test_exported_visual_side_matches_in_transformers(runs, sample_shards):
     """visual/ loads as an InstructBLIP visual checkpoint; its modules reproduce the training model's prefix."""
-    from rsmoe.models.loading import load_instructblip_visual
+    from rsmoe.models.hf_weights import load_instructblip_visual
 
     model, llm_tok, q_tok, args = _trained_model(runs["stage2"] / "final", stage=2)
     _, _, rows, prefix = _inputs(model, llm_tok, q_tok, args, sample_shards)
@@ -160,11 +162,12 @@ def test_export_from_checkpoint_tags_equals_export_from_final(runs):
 
 def test_per_expert_engine_folders_export_each_adapter(runs, tmp_path):
     """A tag with one engine folder per expert (expert-parallel layout): each adapter lands in its slot."""
-    from rsmoe.checkpoint import CheckpointManager
+    from rsmoe.training.checkpointer import CheckpointManager
     from rsmoe.config import from_dict
-    from rsmoe.distributed import ParallelLayout, init_distributed
-    from rsmoe.engine import build_engine, load_ds_json
-    from rsmoe.models import build_model
+    from rsmoe.distributed.env import init_distributed
+    from rsmoe.distributed.layout import ParallelLayout
+    from rsmoe.training.engine import build_engine, load_ds_json
+    from rsmoe.models.build import build_model
     import shutil
     import yaml
 
@@ -177,18 +180,18 @@ def test_per_expert_engine_folders_export_each_adapter(runs, tmp_path):
     try:
         engines, want = [], {}
         for eid in (2, 0, 1):  # not in slot order on purpose
-            from rsmoe.checkpoint import load_model_dir
+            from rsmoe.io.model_dir import load_stage1_parts
 
             model, _, _ = build_model(args.model, args.seed)
-            load_model_dir(runs["stage1"] / "final", model)
-            model.to_stage2([eid], args.seed)
+            load_stage1_parts(runs["stage1"] / "final", model)
+            model.to_stage2([eid], args.seed, EXPERTS)
             with torch.no_grad():
                 for layer in model.experts.lora_layers.values():
                     layer.lora_B.normal_(generator=torch.Generator().manual_seed(eid))
             want[EXPERTS[eid]] = model.experts.adapter_state(0)
             engine, _ = build_engine(model, args, ParallelLayout(3, 1, 1, 0), load_ds_json(f"{REPO}/ds_configs/zero2.json"))
             engines.append(engine)
-        CheckpointManager(run).save(engines, 7, {"step": 7}, subdirs=["ep2", "ep0", "ep1"])
+        CheckpointManager(run, subdirs=["ep2", "ep0", "ep1"]).save(engines, TrainState(step=7))
     finally:
         shutdown_distributed()
     out = export_run(run, tmp_path / "ep_export", tag="7")

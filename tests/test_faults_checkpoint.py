@@ -12,11 +12,12 @@ import torch
 
 from faultkit import adapter
 from rsmoe import cli
-from rsmoe.checkpoint import COMPLETE, CheckpointManager
+from rsmoe.io.checkpoints import COMPLETE
+from rsmoe.training.checkpointer import CheckpointManager
 from rsmoe.config import load_config
-from rsmoe.distributed import shutdown_distributed
-from rsmoe.safe_load import UnsafeCheckpointError, restricted_unpickling
-from rsmoe.train import train
+from rsmoe.distributed.env import shutdown_distributed
+from rsmoe.io.safe_load import UnsafeCheckpointError, restricted_unpickling
+from rsmoe.training.loop import train
 
 
 class Evil:
@@ -72,7 +73,7 @@ def test_purge_removes_the_marker_first(tmp_path):
         seen[Path(path).name] = (Path(path) / COMPLETE).exists()
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    import rsmoe.checkpoint as ck
+    import rsmoe.training.checkpointer as ck
 
     orig, ck.shutil.rmtree = ck.shutil.rmtree, rmtree
     try:
@@ -117,7 +118,7 @@ def test_restricted_unpickling_overrides_weights_only_false(tmp_path):
 
 
 def test_legacy_bin_weights_never_unpickle_objects(tmp_path):
-    from rsmoe.models.loading import _read_bert_state
+    from rsmoe.models.hf_weights import _read_bert_state
 
     marker = tmp_path / "pwned"
     d = tmp_path / "bert"

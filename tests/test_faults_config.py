@@ -15,7 +15,7 @@ from rsmoe import cli
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Fail the test if the run gets as far as distributed init, model build or engine init."""
-    import rsmoe.train as t
+    import rsmoe.training.loop as t
 
     def boom(*a, **k):
         raise AssertionError("heavy work started before the configuration was checked")
@@ -70,6 +70,6 @@ def test_real_command_prints_one_line_and_no_traceback(sample_shards, tmp_path):
     proc = run(rsmoe_cmd([*_base(sample_shards, tmp_path), "model.llm.path=/nope"]), timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"rsmoe train: error: config key 'model.llm.path': model directory /nope does not exist; point it "
-                     "at a local model directory (models never download) or at an offline asset (rsmoe assets list)"], lines
+    assert lines == ["rsmoe train: error: config key 'model.llm.path': model directory /nope does not exist; point it "
+                     "at a local model directory (models never download) or at an offline asset (rsmoe assets --list)"], lines
     assert not (tmp_path / "run" / "logs").exists()  # nothing started

@@ -15,7 +15,8 @@ import torch
 from conftest import REPO, free_port
 from faultkit import (adapter, checkpoint_tensors, kill_group, rows, rsmoe_cmd, run, same_tensors, start, torchrun_cmd,
                       wait_for_line)
-from rsmoe.checkpoint import COMPLETE, CheckpointManager
+from rsmoe.io.checkpoints import COMPLETE
+from rsmoe.training.checkpointer import CheckpointManager
 
 
 def test_sigkill_two_ranks_mid_checkpoint_then_same_command_resumes_exactly(sample_shards, tmp_path):
@@ -77,8 +78,8 @@ def test_two_ranks_nan_on_one_rank_is_skipped_on_both_then_tolerance_halts(sampl
 def test_killed_mid_export_final_is_refused_then_the_same_command_rewrites_it(sample_shards, tmp_path):
     """A run dying while it writes final/ (visual weights and config on disk, INCOMPLETE still there) leaves
     a directory that Stage II, export and the launchers refuse; the same command writes it again."""
-    from rsmoe.checkpoint import INCOMPLETE, IncompleteModelDir, final_dir_of
-    from rsmoe.export import ExportError, locate
+    from rsmoe.io.model_dir import INCOMPLETE, IncompleteModelDir, stage1_dir
+    from rsmoe.io.export import ExportError, locate
 
     run_dir = tmp_path / "run"
     common = ["--config", "tiny", f"data.train_shards={sample_shards['train']}", "train.steps=4", "checkpoint.every=2",
@@ -88,7 +89,7 @@ def test_killed_mid_export_final_is_refused_then_the_same_command_rewrites_it(sa
     final = run_dir / "final"
     assert (final / INCOMPLETE).exists() and (final / "visual.safetensors").exists() and (final / "config.yaml").exists()
     with pytest.raises(IncompleteModelDir, match="stopped before it finished"):
-        final_dir_of(run_dir)  # what Stage II's --init-from resolves
+        stage1_dir(run_dir)  # what Stage II's --init-from resolves
     with pytest.raises(ExportError, match="--tag latest"):
         locate(run_dir, None)
     marker = run_dir / "logs" / ".started-t"
@@ -103,7 +104,7 @@ def test_killed_mid_export_final_is_refused_then_the_same_command_rewrites_it(sa
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step00000004 at step 4" in again.stderr  # nothing retrained: only final/ rewritten
     assert not (final / INCOMPLETE).exists()
-    assert final_dir_of(run_dir) == final
+    assert stage1_dir(run_dir) == final
     assert subprocess.run(["bash", "-c", check]).returncode == 0
     full = run(rsmoe_cmd(common[:-1] + [str(tmp_path / "full")]))
     assert full.returncode == 0, full.stderr[-3000:]

@@ -10,7 +10,6 @@ import os
 import tarfile
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO
 from faultkit import rows

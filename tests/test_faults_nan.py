@@ -12,8 +12,8 @@ import torch
 from faultkit import checkpoint_tensors, rows, same_tensors
 from rsmoe import cli
 from rsmoe.config import load_config
-from rsmoe.distributed import shutdown_distributed
-from rsmoe.train import train
+from rsmoe.distributed.env import shutdown_distributed
+from rsmoe.training.loop import train
 
 
 def _train(overrides: list[str]) -> dict:
@@ -67,7 +67,7 @@ def test_nan_tolerance_stops_naming_step_and_last_good_checkpoint(sample_shards,
 
 
 def test_fault_spec_is_validated(monkeypatch):
-    from rsmoe import faults
+    from rsmoe.testing import faults
 
     monkeypatch.setenv("RSMOE_FAULT", "nan:loss:3:1;hang:after_step:5")
     assert faults.active("loss", 3) is None  # rank 0 here; the NaN is armed for rank 1 only

@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from rsmoe.assets import resolve_path
-from rsmoe.models import loading
-from rsmoe.models.loading import (
+from rsmoe.models import hf_weights as loading
+from rsmoe.models.hf_weights import (
     check_projection_shapes,
     init_qformer_from_bert,
     load_causal_lm,
@@ -102,7 +102,7 @@ def test_flash_attention_falls_back_to_sdpa(
     import transformers.utils
 
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="rsmoe.models.loading"):
+    with caplog.at_level(logging.WARNING, logger="rsmoe.models.hf_weights"):
         model, _ = load_causal_lm(tiny_llama_dir, attn_implementation="flash_attention_2")
     assert model.config._attn_implementation == "sdpa"
     assert "flash_attention_2 requested" in caplog.text
@@ -203,7 +203,7 @@ def test_check_projection_shapes(caplog: pytest.LogCaptureFixture) -> None:
     assert check_projection_shapes(None, qformer_hidden_size=768, llm_hidden_size=2048) is None
     with pytest.raises(ValueError, match="LLM width 4096.*expert LLM width 2048.*reinit_on_mismatch"):
         check_projection_shapes(state, qformer_hidden_size=768, llm_hidden_size=2048)
-    with caplog.at_level(logging.WARNING, logger="rsmoe.models.loading"):
+    with caplog.at_level(logging.WARNING, logger="rsmoe.models.hf_weights"):
         assert check_projection_shapes(state, qformer_hidden_size=768, llm_hidden_size=2048, reinit_on_mismatch=True) is None
     assert "initialising a new projection" in caplog.text
 

@@ -8,18 +8,20 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from rsmoe.config import load_config
-from rsmoe.inference import caption
-from rsmoe.models import TemplateRouter, build_model, compose_caption
-from rsmoe.models.lora import adapters_active
-from rsmoe.processor import Processor
+from rsmoe.inference.generate import caption
+from rsmoe.io.adapters import save_expert_adapter
+from rsmoe.models.build import build_model
+from rsmoe.models.compose import compose_caption
+from rsmoe.models.router import TemplateRouter
+from rsmoe.models.multi_lora import adapters_active
+from rsmoe.data.processor import Processor
 
 
 @pytest.fixture(scope="module")
 def stage2_model():
     args = load_config("tiny")
     model, llm_tok, q_tok = build_model(args.model, seed=0)
-    model.to_stage2([0, 1, 2], seed=0)
-    model.expert_names = list(args.model.experts)
+    model.to_stage2([0, 1, 2], 0, args.model.experts)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-trivial adapters (B starts at zero)
         for p in model.experts.lora_parameters():
@@ -43,7 +45,7 @@ def test_trainable_sets_per_stage():
     assert trainable == {"visual.qformer", "visual.proj", "experts.base"}  # base = only its lora_ params
     assert all(".lora_" in n for n, p in model.experts.named_parameters() if p.requires_grad)
     assert not any(p.requires_grad for p in model.visual.vision.parameters())
-    model.to_stage2([0, 1, 2], seed=0)
+    model.to_stage2([0, 1, 2], 0, args.model.experts)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n for n in names)
 
@@ -75,7 +77,7 @@ def test_exported_adapter_matches_plain_peft(stage2_model, tmp_path):
     assert not unexpected and all("rotary" in k for k in missing)
     ids = torch.randint(5, 100, (2, 12))
     for slot in range(3):
-        d = model.experts.save_adapter(slot, tmp_path / f"expert{slot}")
+        d = save_expert_adapter(model.experts, slot, tmp_path / f"expert{slot}")
         peft_model = PeftModel.from_pretrained(LlamaForCausalLM(base_cfg), d)
         peft_model.base_model.model.load_state_dict(
             {k.replace(".weight", ".base_layer.weight") if _is_target(k, model) else k: v
@@ -156,7 +158,7 @@ def test_stage2_rows_skip_empty_parts_and_route_questions(stage2_model):
     assert ep_rank["adapter_index"].tolist() == [0]
     # That rank's expert has no target in this batch: it still runs a forward/backward, with zero loss.
     rank_model, _, _ = build_model(load_config("tiny").model, seed=0)
-    rank_model.to_stage2([2], seed=0)
+    rank_model.to_stage2([2], 0, load_config("tiny").model.experts)
     out = rank_model(**ep_rank)
     assert out["expert_tokens"].tolist() == [0] and out["loss"].item() == 0.0
     out["loss"].backward()
@@ -167,7 +169,7 @@ def test_processor_rows_are_prompt_then_target_eos_tokens_truncated(stage2_model
     max_prompt_len) then ' ' + target cut at max_target_len - 1, then eos; labels only on the target."""
     import random
 
-    from rsmoe.processor import format_prompt
+    from rsmoe.data.processor import format_prompt
 
     _, proc = stage2_model
     tok = proc.llm_tokenizer
@@ -221,7 +223,8 @@ def test_prefixes_sharing_an_image_encode_it_once_with_the_same_result(stage2_mo
 
 
 def inference_answer(model, proc, pixels, image_index):
-    from rsmoe.inference import GenerationArgs, answer
+    from rsmoe.config import GenerationArgs
+    from rsmoe.inference.generate import answer
 
     qs = ["Is there a road?", "How many houses are there?", "Is it a rural area?", "What is the area covered by buildings?"]
     return answer(model, proc, pixels, qs, ["presence", "count", "rural_urban", "area"], GenerationArgs(max_new_tokens=6),

@@ -6,16 +6,16 @@ from __future__ import annotations
 import torch
 
 from rsmoe.config import load_config
-from rsmoe.engine import build_ds_config, mark_frozen_resident_leaves, resident_parameters
-from rsmoe.models import build_model
+from rsmoe.training.engine import build_ds_config, mark_frozen_resident_leaves, resident_parameters
+from rsmoe.models.build import build_model
 from rsmoe.models.experts import is_right_padded
-from rsmoe.models.lora import MultiLoRALinear, adapters_active
+from rsmoe.models.multi_lora import MultiLoRALinear
 
 
 def _stage2_model(overrides: list[str] | None = None):
     args = load_config("tiny", overrides or [])
     model, _, _ = build_model(args.model, seed=0)
-    model.to_stage2([0, 1, 2], seed=0)
+    model.to_stage2([0, 1, 2], 0, args.model.experts)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-trivial adapters (B starts at zero)
         for p in model.experts.lora_parameters():
@@ -77,7 +77,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
 
 
 def test_zero3_auto_keeps_a_fitting_model_resident_and_caps_the_rest(monkeypatch):
-    import rsmoe.engine as engine
+    import rsmoe.training.engine as engine
 
     args = load_config("tiny", ["stage=2"])
     model = _stage2_model()
@@ -117,8 +117,9 @@ def test_only_frozen_resident_subtrees_become_leaves():
 
 
 def _train_adapters(ds_json: str, steps: int = 3) -> list[torch.Tensor]:
-    from rsmoe.distributed import ParallelLayout, init_distributed, shutdown_distributed
-    from rsmoe.engine import build_engine, load_ds_json
+    from rsmoe.distributed.env import init_distributed, shutdown_distributed
+    from rsmoe.distributed.layout import ParallelLayout
+    from rsmoe.training.engine import build_engine, load_ds_json
 
     args = load_config("tiny", ["stage=2", "optim.warmup_steps=0", "optim.lr=1e-2", "train.precision=fp32"])
     init_distributed()

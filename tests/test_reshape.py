@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from conftest import REPO, free_port
-from reshape_helper import common, dump_state, load_and_dump
+from reshape_helper import common, load_and_dump
 from rsmoe.config import load_config
-from rsmoe.distributed import shutdown_distributed
+from rsmoe.distributed.env import shutdown_distributed
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -50,7 +50,7 @@ def _assert_same_state(got: dict, want: dict, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory, sample_shards) -> dict:
-    from rsmoe.train import train
+    from rsmoe.training.loop import train
 
     root = tmp_path_factory.mktemp("reshape")
     # The 1 -> 2 direction: a 1-rank ZeRO-3 run stopped at step 3, and its state as a same-size load sees it.
@@ -70,7 +70,7 @@ def two_rank(tmp_path_factory, sample_shards) -> dict:
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_ranks_resume_on_one(two_rank, sample_shards, zero, caplog):
-    from rsmoe.train import train
+    from rsmoe.training.loop import train
 
     root = two_rank["root"]
     parted, full = root / f"z{zero}_parted", root / f"z{zero}_full"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,14 +22,14 @@ def run_dirs(sample_shards):
 
 @pytest.fixture(scope="module")
 def trained(run_dirs):
-    from rsmoe.serve import load_trained
+    from rsmoe.inference.load import load_trained
 
     return load_trained(run_dirs["stage2"], "cpu")
 
 
 def test_image_preprocessing_matches_the_training_loader(trained, sample_shards):
     from rsmoe.data.loader import build_loader
-    from rsmoe.serve import read_image
+    from rsmoe.inference.load import read_image
 
     v = trained.cfg.model.vision
     for batch in build_loader(sample_shards["val"], batch_size=8, image_size=v.image_size,
@@ -72,8 +71,8 @@ def test_caption_cli_matches_eval_on_the_same_image(run_dirs, sample_shards, tmp
 
 
 def test_batched_experts_equal_experts_in_turn_greedy_and_beam(trained):
-    from rsmoe.inference import GenerationArgs
-    from rsmoe.serve import caption_images
+    from rsmoe.config import GenerationArgs
+    from rsmoe.cli.caption import caption_images
 
     paths = [IMAGE, os.path.join(REPO, "data", "sample", "ucm_captions", "images", "1010.png")]
     for gen in (GenerationArgs(max_new_tokens=8), GenerationArgs(max_new_tokens=8, num_beams=2, repetition_penalty=1.3)):
@@ -124,8 +123,9 @@ def test_clear_errors(run_dirs, tmp_path, capsys):
 def test_repetition_penalty_applies_to_every_row_whatever_its_padding(trained):
     """transformers' own repetition_penalty with inputs_embeds skips a left-padded row's first
     n_pad generated tokens; rsmoe.inference passes its own processor so every row is penalised."""
-    from rsmoe.inference import GenerationArgs
-    from rsmoe.serve import read_image
+    from rsmoe.config import GenerationArgs
+    from rsmoe.inference.generate import generate_kwargs
+    from rsmoe.inference.load import read_image
 
     p, m = trained.processor, trained.model
     prompts = p.router.caption_prompts(None)
@@ -133,7 +133,7 @@ def test_repetition_penalty_applies_to_every_row_whatever_its_padding(trained):
     assert len(set((mask == 0).sum(dim=1).tolist())) > 1  # the expert prompts pad differently
     qids, qmask = p.encode_instructions(["Describe this remote sensing image in detail."])
     prefix = m.visual(torch.from_numpy(read_image(IMAGE, trained.cfg))[None], qids, qmask)
-    kw = GenerationArgs(max_new_tokens=12, repetition_penalty=1e4).kwargs(p)
+    kw = generate_kwargs(GenerationArgs(max_new_tokens=12, repetition_penalty=1e4), p)
     batched = m.experts.generate(prefix[[0, 0, 0]], ids, mask, torch.tensor([0, 1, 2]), **kw)
     for slot in range(3):
         alone_ids, alone_mask = p.generation_rows([prompts[slot]])

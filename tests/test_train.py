@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from rsmoe.config import load_config
-from rsmoe.distributed import ParallelLayout, shutdown_distributed
-from rsmoe.models import build_model
-from rsmoe.train import train
+from rsmoe.distributed.env import shutdown_distributed
+from rsmoe.distributed.layout import ParallelLayout
+from rsmoe.models.build import build_model
+from rsmoe.training.loop import train
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -72,14 +73,14 @@ def test_stage2_without_stage1_is_a_clear_error(tiny_overrides, tmp_path, dist_e
 
 def test_loss_falls_on_a_fixed_batch(sample_shards, dist_env):
     from rsmoe.data.loader import build_loader
-    from rsmoe.distributed import init_distributed
-    from rsmoe.engine import build_engine, load_ds_json
-    from rsmoe.processor import Processor
+    from rsmoe.distributed.env import init_distributed
+    from rsmoe.training.engine import build_engine, load_ds_json
+    from rsmoe.data.processor import Processor
 
     args = load_config("tiny", ["optim.lr=1e-2", "optim.warmup_steps=0", "train.steps=50", "optim.min_lr_ratio=1.0", "stage=2"])
     init_distributed()
     model, llm_tok, q_tok = build_model(args.model, seed=0)
-    model.to_stage2([0, 1, 2], seed=0, train_qformer=True)
+    model.to_stage2([0, 1, 2], 0, args.model.experts, train_qformer=True)
     proc = Processor(llm_tok, q_tok, args.model.experts, 40, 48, 24)
     batch = next(iter(build_loader(sample_shards["train"], batch_size=2, image_size=64,
                                    image_mean=(0.5,) * 3, image_std=(0.5,) * 3)))

@@ -10,7 +10,6 @@ Any spec without the ``asset:`` prefix is a filesystem path and must exist.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import logging
@@ -261,6 +260,15 @@ def resolve_path(spec: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_installed(spec: str) -> None:
+    """Raise (KeyError / FileNotFoundError, with the fix) unless the asset of `"asset:NAME"` can be used;
+    nothing is converted (a preflight check: a missing wheel fails in a second, not after minutes)."""
+    asset = _lookup(spec[len(ASSET_PREFIX) :] if spec.startswith(ASSET_PREFIX) else spec)
+    if asset.prepared is not None and (asset.prepared() / "config.json").is_file():
+        return
+    _shipped_path(asset)
+
+
 def asset_status(name: str) -> str:
     """Human-readable state of one asset: missing package, shipped, or prepared in the cache."""
     asset = _lookup(name)
@@ -275,45 +283,13 @@ def asset_status(name: str) -> str:
     return f"installed, not prepared (rsmoe assets --prepare {name}, ~20-30 s once)"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rsmoe assets``."""
-    parser.add_argument("--list", action="store_true", help="list offline assets and their status (default)")
-    parser.add_argument(
-        "--prepare",
-        metavar="NAME",
-        choices=[*sorted(ASSETS), "all"],
-        help="resolve (and, for SmolLM2, convert once into the cache) an asset, or 'all'",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``rsmoe assets``; returns a process exit code."""
-    if args.prepare:
-        names = sorted(ASSETS) if args.prepare == "all" else [args.prepare]
-        failed = 0
-        for name in names:
-            if asset_status(name).startswith("installed, not prepared"):
-                print(f"{name}: preparing in {cache_dir()} (~20-30 s, once) ...", flush=True)
-            try:
-                print(f"{name}: {resolve_path(ASSET_PREFIX + name)}")
-            except (FileNotFoundError, ImportError) as exc:
-                print(f"{name}: FAILED: {exc}")
-                failed += 1
-        return 1 if failed else 0
-    print(f"cache: {cache_dir()}")
-    for name, asset in sorted(ASSETS.items()):
-        print(f"{ASSET_PREFIX}{name:<24} {asset_status(name)}\n    {asset.description} [{asset.licence}]")
-    return 0
-
-
 __all__ = [
     "ASSETS",
     "ASSET_PREFIX",
     "Asset",
-    "add_arguments",
     "asset_status",
     "cache_dir",
-    "main",
+    "check_installed",
     "resolve_path",
     "smollm2_cache_path",
 ]

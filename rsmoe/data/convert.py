@@ -5,11 +5,10 @@ fails before anything is written, with a message naming the file, the problem an
 returns ``(n_records, iterator_of_Sample)``; images are read lazily. ``convert_samples`` writes them
 with a tqdm progress bar into ``<split>-NNNNNN.tar`` shards and a ``manifest.json``.
 
-CLI: ``rsmoe convert <format> ...`` via :func:`add_arguments` / :func:`main`; see ``docs/data.md``.
+The command is ``rsmoe convert <format> ...`` (rsmoe.cli.convert); see ``docs/data.md``.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
+from rsmoe.errors import UserError
 from rsmoe.data.rsvqa_captions import parts_to_caption, qa_to_parts
 from rsmoe.data.schema import Sample, make_record, safe_key
 from rsmoe.data.shards import write_shards
@@ -33,7 +33,7 @@ Source = tuple[int, Iterator[Sample]]
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """A malformed annotation file or a missing input; the message says what to do."""
 
 
@@ -390,7 +390,7 @@ def open_vrsbench(
     return len(items), _samples(items, build, skipped)
 
 
-# --------------------------------------------------------------------------- writing + CLI
+# --------------------------------------------------------------------------- writing
 def convert_samples(
     source: Source, out_dir: str | os.PathLike, *, shard_size: int = 1000, desc: str = "convert",
     skipped: Counter[str] | None = None, progress: bool = True, extra: dict[str, Any] | None = None,
@@ -408,72 +408,3 @@ def convert_samples(
             "Check that --images points at the folder holding the files named in the annotations."
         )
     return manifest
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``<format>`` subcommands (rsicap, rsieval, karpathy, nwpu, rsvqa, vrsbench)."""
-    sub = parser.add_subparsers(dest="convert_format", metavar="FORMAT", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--images", required=True, help="folder with the dataset's images")
-        p.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar shards + manifest.json")
-        p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
-        p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-
-    p = sub.add_parser("rsicap", help="RSICap captions.json")
-    p.add_argument("--annotations", required=True, help="captions.json")
-    p.add_argument("--split", default="train")
-    common(p)
-    p = sub.add_parser("rsieval", help="RSIEval annotations.json")
-    p.add_argument("--annotations", required=True, help="annotations.json")
-    p.add_argument("--split", default="test")
-    common(p)
-    p = sub.add_parser("karpathy", help="Karpathy-style caption JSON (UCM-Captions, Sydney-Captions, RSICD)")
-    p.add_argument("--annotations", required=True, help="dataset_*.json")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the file's 'dataset' field)")
-    common(p)
-    p = sub.add_parser("nwpu", help="NWPU-Captions dataset_nwpu.json")
-    p.add_argument("--annotations", required=True, help="dataset_nwpu.json")
-    common(p)
-    p = sub.add_parser("rsvqa", help="RSVQA-LR / RSVQA-HR (*images*.json, *questions*.json, *answers*.json)")
-    p.add_argument("--images-json", required=True)
-    p.add_argument("--questions-json", required=True)
-    p.add_argument("--answers-json", required=True)
-    p.add_argument("--split", default=None, help="default: taken from the file names, else train")
-    p.add_argument("--dataset", default=None, help="default: RSVQA-LR for Sentinel-2, else RSVQA-HR")
-    common(p)
-    p = sub.add_parser("vrsbench", help="VRSBench VRSBench_EVAL_Cap.json (+ VRSBench_EVAL_vqa.json)")
-    p.add_argument("--captions-json", required=True)
-    p.add_argument("--vqa-json", default=None)
-    p.add_argument("--split", default="test")
-    common(p)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run one conversion; print the manifest. Returns a process exit code."""
-    skipped: Counter[str] = Counter()
-    fmt = args.convert_format
-    try:
-        if fmt == "rsicap":
-            src = open_rsicap(args.annotations, args.images, split=args.split, skipped=skipped)
-        elif fmt == "rsieval":
-            src = open_rsieval(args.annotations, args.images, split=args.split, skipped=skipped)
-        elif fmt == "karpathy":
-            src = open_karpathy(args.annotations, args.images, dataset=args.dataset, skipped=skipped)
-        elif fmt == "nwpu":
-            src = open_nwpu(args.annotations, args.images, skipped=skipped)
-        elif fmt == "rsvqa":
-            src = open_rsvqa(args.images_json, args.questions_json, args.answers_json, args.images,
-                             split=args.split, dataset=args.dataset, skipped=skipped)
-        elif fmt == "vrsbench":
-            src = open_vrsbench(args.captions_json, args.vqa_json, args.images, split=args.split, skipped=skipped)
-        else:  # argparse prevents this
-            raise ConvertError(f"unknown format {fmt!r}")
-        manifest = convert_samples(src, args.out, shard_size=args.shard_size, desc=fmt, skipped=skipped,
-                                   progress=not args.no_progress)
-    except ConvertError as e:
-        logger.error("%s", e)
-        print(f"error: {e}")
-        return 2
-    print(json.dumps(manifest, indent=2, sort_keys=True))
-    return 0

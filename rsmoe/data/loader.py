@@ -52,6 +52,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rsmoe.data.schema import IMAGE_EXTS, validate_record
+from rsmoe.errors import Halted
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ SKIP_REASONS = ("corrupt_image", "missing_image", "bad_json", "invalid_record", 
 _warned: set[str] = set()
 
 
-class NoValidDataError(RuntimeError):
+class NoValidDataError(Halted):
     """Every shard this worker may read yields no valid sample: waiting longer would hang the run."""
 
 

@@ -13,7 +13,6 @@ version); :func:`build_sample_shards` returns the existing manifest when it matc
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -100,19 +99,3 @@ def build_sample_shards(out_dir: str | os.PathLike = DEFAULT_OUT, force: bool = 
                                progress=progress, extra={"source_fingerprint": fp, "source": str(root)})
     manifest["up_to_date"] = False
     return manifest
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rsmoe prepare``."""
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the shards are up to date")
-    parser.add_argument("--shard-size", type=int, default=64, help="max samples per shard (default 64)")
-
-
-def main(args: argparse.Namespace) -> int:
-    """``rsmoe prepare``: build the sample shards and print the manifest."""
-    manifest = build_sample_shards(args.out, force=args.force, shard_size=args.shard_size, progress=True)
-    state = "up to date" if manifest.get("up_to_date") else "built"
-    print(f"sample shards {state} in {args.out}")
-    print(json.dumps({k: v for k, v in manifest.items() if k != "up_to_date"}, indent=2, sort_keys=True))
-    return 0

@@ -1,7 +1,4 @@
-"""`rsmoe eval`: score a trained RS-MoE on shards (captioning and VQA) and write a report.
-
-    rsmoe eval --model runs/demo/stage2 --shards "data/shards/sample/val-*.tar"
-    torchrun --nproc_per_node 4 -m rsmoe.cli eval --model runs/x/stage2 --shards "rsvqa/test-*.tar" --task vqa
+"""Scoring a trained RS-MoE on shards (captioning and VQA) and writing the report (behind `rsmoe eval`).
 
 Captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE reported unavailable offline) against the
 sample's `references` (its `caption` when it has none). VQA: exact-match accuracy per question
@@ -19,10 +16,8 @@ scores. Scores equal a single-process run's: items are put back in shard order b
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -32,10 +27,21 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
-from rsmoe import inference
-from rsmoe.serve import UserError, Trained, load_trained, pick_device
+from rsmoe.config import read_config
+from rsmoe.data.loader import build_loader, expand_shards, iter_tar_groups, parse_group
+from rsmoe.data.shards import read_manifest
+from rsmoe.distributed import collectives
+from rsmoe.distributed.env import init_object_group
+from rsmoe.errors import UserError
+from rsmoe.eval.bootstrap import caption_intervals, rsvqa_average_ci, vqa_intervals
+from rsmoe.eval.caption_metrics import java_status, score_captions
+from rsmoe.eval.report import caption_section, vqa_section, write_report
+from rsmoe.eval.vqa_metrics import normalize_answer, rsvqa_protocol, vqa_accuracy
+from rsmoe.inference import generate as inference
+from rsmoe.inference.generate import generation_args
+from rsmoe.inference.load import Trained, load_trained, pick_device
 
 log = logging.getLogger("rsmoe.eval")
 
@@ -78,22 +84,6 @@ class EvalOptions:
     progress: bool = True
 
 
-# ---------------------------------------------------------------- world
-
-
-def _world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size); initialises a gloo group under a launcher."""
-    from rsmoe.distributed import world_info_from_env
-
-    info = world_info_from_env()
-    if info.world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        # gloo only carries Python objects (the generations); the model never syncs.
-        dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
-    return info.rank, info.local_rank, info.world_size
-
-
 # ---------------------------------------------------------------- the sample index
 
 
@@ -103,8 +93,6 @@ def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]
     The global index counts every sample group of every shard, valid or not (as the loader's eval
     mode does), so `index % world_size` is the rank that evaluates it. Images are not decoded.
     """
-    from rsmoe.data.loader import iter_tar_groups, parse_group
-
     out: list[tuple[int, str, str]] = []
     index = 0
     counts: Counter[str] = Counter()
@@ -124,13 +112,9 @@ def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]
 
 def training_datasets(model_dir: Path) -> set[str] | None:
     """Datasets this model (both stages) was trained on, from the shard manifests; None if unknown."""
-    import yaml
-
-    from rsmoe.data.shards import read_manifest
-
     seen: set[str] = set()
     cfg_files = [model_dir / "config.yaml"]
-    init = (yaml.safe_load(cfg_files[0].read_text()) or {}).get("init_from")
+    init = read_config(cfg_files[0]).init_from
     if init:
         for cand in (Path(init) / "final" / "config.yaml", Path(init) / "config.yaml"):
             if cand.exists():
@@ -139,7 +123,7 @@ def training_datasets(model_dir: Path) -> set[str] | None:
         else:
             return None
     for f in cfg_files:
-        patterns = str(((yaml.safe_load(f.read_text()) or {}).get("data") or {}).get("train_shards", ""))
+        patterns = read_config(f).data.train_shards
         for pat in [p.strip() for p in patterns.split("::") if p.strip()]:
             manifest = read_manifest(Path(pat).parent)
             if manifest is None or "datasets" not in manifest:
@@ -212,11 +196,6 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
 
 def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """Report sections (see rsmoe.eval.report) for every dataset, plus 'all' when there are several."""
-    from rsmoe.eval.bootstrap import caption_intervals, rsvqa_average_ci, vqa_intervals
-    from rsmoe.eval.caption_metrics import java_status, score_captions
-    from rsmoe.eval.report import caption_section, vqa_section
-    from rsmoe.eval.vqa_metrics import normalize_answer, rsvqa_protocol, vqa_accuracy
-
     sections: dict[str, Any] = {}
     warnings: list[str] = []
     datasets = sorted({it["dataset"] for it in items})
@@ -307,18 +286,14 @@ def default_out_dir(model_dir: Path, shards: str) -> Path:
 
 def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     """Run the evaluation; returns the results dict on rank 0 (None on other ranks)."""
-    from tqdm import tqdm
-
-    from rsmoe.data.loader import build_loader, expand_shards
-    from rsmoe.serve import generation_args
-
     if opts.task not in ("caption", "vqa", "both"):
         raise UserError(f"--task must be caption, vqa or both, not '{opts.task}'")
     if opts.protocol not in ("auto", "rsvqa-lr", "rsvqa-hr", "none"):
         raise UserError(f"--protocol must be auto, rsvqa-lr, rsvqa-hr or none, not '{opts.protocol}'")
     if opts.batch_size < 1 or opts.vqa_batch_size < 1:
         raise UserError("--batch-size and --vqa-batch-size must be >= 1")
-    rank, local_rank, world = _world()
+    info = init_object_group()
+    rank, local_rank, world = info.rank, info.local_rank, info.world_size
     t0 = time.time()
     try:
         urls = sorted(expand_shards([p.strip() for p in opts.shards.split("::") if p.strip()]))
@@ -334,9 +309,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
 
     device = pick_device(opts.device, local_rank)
     trained = load_trained(opts.model, device, opts.dtype)
-    ns = argparse.Namespace(num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens, repetition_penalty=opts.repetition_penalty)
-    cap_gen = generation_args(ns)
-    vqa_gen = generation_args(ns, opts.vqa_max_new_tokens)
+    cap_gen = generation_args(opts.num_beams, opts.max_new_tokens, opts.repetition_penalty)
+    vqa_gen = generation_args(opts.num_beams, opts.vqa_max_new_tokens, opts.repetition_penalty)
     v = trained.cfg.model.vision
     loader = build_loader(urls, batch_size=opts.batch_size, image_size=v.image_size, image_mean=tuple(v.image_mean),
                           image_std=tuple(v.image_std), rank=rank, world_size=world, num_workers=opts.num_workers)
@@ -358,12 +332,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     bar.close()
     corrupt = loader.stats().get("corrupt_image", 0)
 
-    gathered: list[tuple[list[dict[str, Any]], int]]
-    if world > 1:
-        gathered = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, (items, corrupt))
-    else:
-        gathered = [(items, corrupt)]
+    gathered: list[tuple[list[dict[str, Any]], int]] = collectives.all_gather_object((items, corrupt))
     if rank != 0:
         return None
 
@@ -417,8 +386,6 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     }
     results = {"meta": meta, **sections}
     out = Path(opts.out) if opts.out else default_out_dir(trained.model_dir, opts.shards)
-    from rsmoe.eval.report import write_report
-
     paths = write_report(out, results, all_items)
     results["_paths"] = {k: str(p) for k, p in paths.items()}
     return results
@@ -445,78 +412,3 @@ def format_tables(results: dict[str, Any]) -> str:
             lines.append(f"  {metric:<16}{'n/a':>8}  {reason}")
         lines.append("")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="run directory (uses <run>/final) or a model directory")
-    p.add_argument("--shards", required=True, help="webdataset shard pattern(s) (brace/glob; several joined by ' :: ')")
-    p.add_argument("--task", default="both", choices=["caption", "vqa", "both"])
-    p.add_argument("--protocol", default="auto", choices=["auto", "rsvqa-lr", "rsvqa-hr", "none"],
-                   help="RSVQA average: auto = by each sample's dataset (RSVQA-LR / RSVQA-HR)")
-    p.add_argument("--out", default=None, help="report folder (default <run>/eval/<shard folder>-<split>)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per caption generate call (x experts rows)")
-    p.add_argument("--vqa-batch-size", type=int, default=32, help="questions per VQA generate call")
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default), >1 = beam search")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="caption length limit per expert")
-    p.add_argument("--vqa-max-new-tokens", type=int, default=8, help="answer length limit")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--limit", type=int, default=0, help="only the first N samples of the shards (0 = all)")
-    p.add_argument("--questions-per-image", type=int, default=0, help="only the first N questions of each image (0 = all)")
-    p.add_argument("--setting", choices=["zero-shot", "fine-tuned"], default=None,
-                   help="label for every dataset (default: per dataset, fine-tuned if the run trained on it)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the JVM start)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--instruction", default=None, help="caption instruction for every image (default: the sample's or the router's)")
-    p.add_argument("--sequential", action="store_true", help="experts generate in turn (baseline) instead of one batched call")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image decoding")
-    p.add_argument("--no-thumbnails", action="store_true", help="leave images out of the report")
-
-
-def options_from_cli(ns: argparse.Namespace) -> EvalOptions:
-    return EvalOptions(
-        model=ns.model, shards=ns.shards, task=ns.task, protocol=ns.protocol, out=ns.out, batch_size=ns.batch_size,
-        vqa_batch_size=ns.vqa_batch_size, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
-        vqa_max_new_tokens=ns.vqa_max_new_tokens, repetition_penalty=ns.repetition_penalty, limit=ns.limit,
-        questions_per_image=ns.questions_per_image, setting=ns.setting, bootstrap=ns.bootstrap, seed=ns.seed,
-        meteor=not ns.no_meteor, device=ns.device, dtype=ns.dtype, instruction=ns.instruction,
-        sequential=ns.sequential, num_workers=ns.num_workers, thumbnails=not ns.no_thumbnails,
-    )
-
-
-def run(ns: argparse.Namespace) -> int:
-    from rsmoe.distributed import world_info_from_env
-    from rsmoe.logger import setup_logging
-
-    rank = world_info_from_env().rank
-    setup_logging(rank)
-    try:
-        results = evaluate(options_from_cli(ns))
-    except UserError as exc:
-        print(f"rsmoe eval: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    if results is not None:
-        print(format_tables(results))
-        for w in results["meta"]["warnings"]:
-            print(f"warning: {w}")
-        print(f"report: {results['_paths']['html']}  (also {results['_paths']['md']}, {results['_paths']['json']})")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rsmoe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,11 @@
-"""RS-MoE model components. Nothing in this package imports DeepSpeed."""
+"""RS-MoE as nn.Modules (nothing here imports DeepSpeed or touches files other than weights to load).
 
-from rsmoe.models.compose import compose_caption
-from rsmoe.models.experts import ExpertLM
-from rsmoe.models.lora import MultiLoRALinear
-from rsmoe.models.router import TemplateRouter
-from rsmoe.models.rsmoe import RSMoE, VisualPrefix, build_model
-
-__all__ = [
-    "ExpertLM",
-    "MultiLoRALinear",
-    "RSMoE",
-    "TemplateRouter",
-    "VisualPrefix",
-    "build_model",
-    "compose_caption",
-]
+- model.py        VisualPrefix (vision encoder -> Q-Former -> projection) and RSMoE (prefix + experts)
+- experts.py      ExpertLM: one frozen base LM, one LoRA per expert, batched forward and generate
+- multi_lora.py   MultiLoRALinear: several adapters on one linear layer, chosen per batch row
+- router.py       the Instruction Router (prompts per expert, VQA routing)
+- compose.py      sub-captions -> one caption
+- efficientnet.py a small frozen CNN encoder for offline CPU configurations
+- hf_weights.py   loading real weights (InstructBLIP visual side, causal LMs, BERT -> Q-Former)
+- build.py        build_model(config): the whole model from its config
+"""

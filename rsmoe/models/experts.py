@@ -8,14 +8,12 @@ slots, so a rank holding a subset of experts (expert parallelism) uses the same 
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsmoe.models.lora import MultiLoRALinear, adapters_active, inject_multi_lora
+from rsmoe.models.multi_lora import MultiLoRALinear, adapters_active, inject_multi_lora
 
 
 def expert_generator(seed: int, expert_id: int, layer_id: int) -> torch.Generator:
@@ -96,38 +94,28 @@ class ExpertLM(nn.Module):
             out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[slot].detach().clone()
         return out
 
-    def peft_config(self, base_name_or_path: str = "") -> dict:
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": self.lora_r,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-            "target_modules": sorted(self.target_modules),
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "base_model_name_or_path": base_name_or_path,
-            "inference_mode": True,
-        }
+    @torch.no_grad()
+    def load_adapter_state(self, slot: int, state: dict[str, torch.Tensor], where: str = "adapter") -> None:
+        """Copy one expert's adapter (peft key layout, as `adapter_state` gives it) into `slot`."""
+        for path, layer in self.lora_layers.items():
+            for ab in ("A", "B"):
+                key = f"base_model.model.{path}.lora_{ab}.weight"
+                if key not in state:
+                    raise KeyError(f"{where}: adapter has no tensor {key}; it was trained for another base")
+                getattr(layer, f"lora_{ab}")[slot].copy_(state[key])
 
-    def save_adapter(self, slot: int, out_dir: str | Path, base_name_or_path: str = "") -> Path:
-        """Write a standard peft adapter directory for the expert in `slot`."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.adapter_state(slot).items()}
-        save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(self.peft_config(base_name_or_path), indent=2))
-        return out
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base LM's weights under its own key names (the LoRA wrappers' `.base.` removed)."""
-        return {
-            k.replace(".base.weight", ".weight").replace(".base.bias", ".bias"): v
+    def base_state_dict(self, merge_slot: int | None = None) -> dict[str, torch.Tensor]:
+        """The base LM's weights under its own key names (the LoRA wrappers' `.base.` removed), as fp32
+        copies; with `merge_slot`, that adapter merged in (the same arithmetic as Stage II's merge)."""
+        state = {
+            k.replace(".base.weight", ".weight").replace(".base.bias", ".bias"): v.detach().clone().float()
             for k, v in self.base.state_dict().items()
             if ".lora_" not in k
         }
+        if merge_slot is not None:
+            for path, layer in self.lora_layers.items():
+                state[f"{path}.weight"] += layer.delta_weight(merge_slot)
+        return state
 
     # ------------------------------------------------------------ compute
     def embed_rows(self, prefix: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -195,8 +183,4 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
-def layer_paths(model: ExpertLM) -> list[str]:
-    return list(model.lora_layers)
-
-
-__all__ = ["ExpertLM", "MultiLoRALinear", "expert_generator", "layer_paths"]
+__all__ = ["ExpertLM", "MultiLoRALinear", "expert_generator"]

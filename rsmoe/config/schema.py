@@ -1,0 +1,184 @@
+"""The typed configuration: every knob, documented where it is defined.
+
+`TrainArgs` (training, both stages) is what presets and dotted overrides fill
+(rsmoe.config.loading); `GenerationArgs` is the decoding setting shared by training-time samples,
+`rsmoe caption/ask/eval` and serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class VisionArgs:
+    type: str = "vit"
+    """'vit' (InstructBLIP EVA-ViT layout; random init or from `path`), 'efficientnet' (frozen CNN grid encoder)."""
+    path: str = ""
+    """Local InstructBLIP checkpoint dir for 'vit', weights file (or 'asset:efficientnet-lite0') for 'efficientnet'. Empty = random init."""
+    image_size: int = 224
+    hidden_size: int = 1408
+    num_layers: int = 39
+    num_heads: int = 16
+    intermediate_size: int = 6144
+    patch_size: int = 14
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+
+@dataclass
+class QFormerArgs:
+    num_query_tokens: int = 32
+    path: str = ""
+    """Local InstructBLIP checkpoint dir to load the Q-Former (+ query tokens, projection if shapes fit). Empty = random."""
+    bert_init: str = ""
+    """Local BERT dir (or 'asset:minilm-l6') to initialise the Q-Former's text/self-attention weights, as InstructBLIP did."""
+    tokenizer: str = ""
+    """Tokenizer for the instruction fed to the Q-Former (BERT vocab). Empty = the `path`/`bert_init` dir's tokenizer."""
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    max_instruction_len: int = 32
+
+
+@dataclass
+class LLMArgs:
+    path: str = ""
+    """Local causal-LM directory (Llama/Vicuna layout) or 'asset:smollm2-135m-instruct'. Empty = random tiny Llama from the sizes below."""
+    tokenizer: str = ""
+    """Tokenizer dir when `path` is empty (random base), e.g. 'asset:tiny-tokenizer'."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    init_std: float = 0.02
+    """Init std of a random base. Tiny presets use a larger one: at 0.02 a 64-wide frozen LM head caps logits near +-1."""
+    attn_implementation: str = "sdpa"
+    """'sdpa' or 'flash_attention_2' (used only when flash-attn is installed; otherwise sdpa with a warning)."""
+
+
+@dataclass
+class LoRAArgs:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    """Dropout on the LoRA input. 0 keeps runs bit-reproducible across layouts."""
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """Linear layers of the expert base that get adapters (the paper's FFN placement by default)."""
+
+
+@dataclass
+class ModelArgs:
+    vision: VisionArgs = field(default_factory=VisionArgs)
+    qformer: QFormerArgs = field(default_factory=QFormerArgs)
+    llm: LLMArgs = field(default_factory=LLMArgs)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)
+    experts: list[str] = field(default_factory=lambda: ["theme", "objects", "relations"])
+    """Expert names, in caption-composition order. The template router knows theme/objects/relations."""
+    router: str = "template"
+    max_prompt_len: int = 48
+    max_target_len: int = 96
+    train_qformer_stage2: bool = False
+    """Also train Q-Former + projection in Stage II (off by default, as in the paper)."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataArgs:
+    train_shards: str = "data/shards/sample/train-*.tar"
+    """Webdataset shard pattern(s) (brace/glob, or a directory of shards). Several patterns separated by ' :: '."""
+    val_shards: str = "data/shards/sample/val-*.tar"
+    num_workers: int = 0
+    shuffle_buffer: int = 200
+    vqa_prob: float = 0.0
+    """Probability that a sample with QA trains one question: Stage I instead of its caption; Stage II
+    in addition to its sub-captions, on the expert the router picks (keeps the experts answering)."""
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 = off)."""
+
+
+@dataclass
+class TrainLoopArgs:
+    steps: int = 100
+    """Optimizer steps in this stage."""
+    micro_batch_size: int = 2
+    """Samples per rank per micro-step (Stage II: each sample becomes one row per expert)."""
+    grad_accum: int = 1
+    precision: str = "auto"
+    """'fp32', 'bf16', or 'auto' (bf16 on GPU, fp32 on CPU)."""
+    log_every: int = 5
+    eval_every: int = 50
+    """Write sample generations to TensorBoard every N steps (0 = only at the end)."""
+    num_eval_samples: int = 4
+    max_new_tokens: int = 48
+    nan_tolerance: int = 3
+    """Stop after this many consecutive non-finite losses (each is skipped with a warning)."""
+    stop_after_steps: int = 0
+    """Stop as if preempted (checkpoint, exit) once this many steps are done (0 = off): time-boxed jobs, tests."""
+
+
+@dataclass
+class CheckpointArgs:
+    every: int = 50
+    """Save every N steps (and always at the end)."""
+    keep: int = 2
+    """Keep the newest N step checkpoints."""
+    resume: bool = True
+    """Resume from `<run_dir>/checkpoints/latest` when it exists."""
+
+
+@dataclass
+class DistributedArgs:
+    ep: int = 1
+    """Expert-parallel size: world = ep * dp; each EP rank holds n_experts/ep experts (Stage II)."""
+    backend: str = "auto"
+    """'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    zero_stage: int = -1
+    """Override the DeepSpeed config's ZeRO stage (-1 = keep the file's)."""
+
+
+@dataclass
+class TrainArgs:
+    stage: int = 1
+    """1 = dense (Q-Former + projection + one LoRA), 2 = MoE (experts' LoRA from a Stage I run)."""
+    run_dir: str = "runs/default/stage1"
+    init_from: str = ""
+    """Stage II: the Stage I run directory whose final checkpoint initialises every expert."""
+    seed: int = 42
+    deepspeed_config: str = "ds_configs/zero2.json"
+    """ZeRO/offload/communication JSON; batch sizes, precision and optimizer come from this config."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainLoopArgs = field(default_factory=TrainLoopArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-stage dotted overrides applied when `stage` matches, e.g. {'2': {'optim.lr': 2e-4}} (YAML presets only)."""
+
+
+@dataclass
+class GenerationArgs:
+    """Decoding settings (greedy by default; every expert of a call shares them)."""
+
+    max_new_tokens: int = 48
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    synced_gpus: bool | None = None
+    """True: keep stepping until every rank is done (ZeRO-3 shards weights over ranks). None: transformers decides."""

@@ -1,0 +1,1 @@
+"""Running a trained RS-MoE: load it (load) and generate captions and answers (generate)."""

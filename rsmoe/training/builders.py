@@ -1,0 +1,49 @@
+"""What a training stage builds before its loop: the model for this rank (with Stage II's starting
+point and experts), its input processor, and its data loader."""
+
+from __future__ import annotations
+
+import logging
+
+from rsmoe.config import TrainArgs
+from rsmoe.data.loader import Loader, build_loader
+from rsmoe.data.processor import Processor
+from rsmoe.distributed.layout import ParallelLayout
+from rsmoe.io import model_dir
+from rsmoe.models.build import build_model
+from rsmoe.models.model import RSMoE
+
+log = logging.getLogger(__name__)
+
+
+def build_processor(args: TrainArgs, llm_tok, q_tok) -> Processor:
+    m = args.model
+    return Processor(llm_tok, q_tok, m.experts, m.max_prompt_len, m.max_target_len, m.qformer.max_instruction_len)
+
+
+def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:
+    """(model, processor, this rank's global expert ids). Stage II starts from Stage I's directory:
+    its LoRA merged into the base and one fresh adapter per expert this rank holds."""
+    model, llm_tok, q_tok = build_model(args.model, args.seed)
+    local_ids = layout.local_expert_ids(args.stage)
+    if args.stage == 2:
+        model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)
+        model.to_stage2(local_ids, args.seed, args.model.experts, train_qformer=args.model.train_qformer_stage2)
+    return model, build_processor(args, llm_tok, q_tok), local_ids
+
+
+def build_train_loader(args: TrainArgs, layout: ParallelLayout) -> Loader:
+    v = args.model.vision
+    return build_loader(
+        args.data.train_shards,
+        batch_size=args.train.micro_batch_size,
+        image_size=v.image_size,
+        image_mean=tuple(v.image_mean),
+        image_std=tuple(v.image_std),
+        rank=layout.dp_rank,  # every rank of one EP group reads the same batch
+        world_size=layout.dp,
+        seed=args.seed,
+        num_workers=args.data.num_workers,
+        shuffle_buffer=args.data.shuffle_buffer,
+        batches_per_epoch=args.train.steps * args.train.grad_accum,
+    )

@@ -1,0 +1,184 @@
+"""The training loop of both stages, as wiring: build the components, restore a TrainState or start
+one, then step, log, sample, stop or checkpoint, and finally write the model directory `<run>/final/`.
+
+`rsmoe train` (rsmoe.cli.train) and `deepspeed train.py ...` call `train(args)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rsmoe.config import TrainArgs, dump_config
+from rsmoe.data.loader import Loader
+from rsmoe.data.processor import Processor
+from rsmoe.distributed import collectives
+from rsmoe.distributed.env import device_type, init_distributed
+from rsmoe.distributed.expert_parallel import ExpertParallel
+from rsmoe.distributed.layout import ParallelLayout
+from rsmoe.io import model_dir
+from rsmoe.logs import setup_logging
+from rsmoe.testing import faults
+from rsmoe.training import preemption
+from rsmoe.training.builders import build_stage_model, build_train_loader
+from rsmoe.training.checkpointer import CheckpointManager, write_final
+from rsmoe.training.engine import build_engine, load_ds_json, resolve_precision
+from rsmoe.training.metrics import MetricLogger, global_data_stats, peak_memory_gib
+from rsmoe.training.nan_guard import NonFiniteGuard
+from rsmoe.training.preflight import check_resume_compatible, preflight
+from rsmoe.training.samples import log_generations, sample_batch
+from rsmoe.training.state import TrainState
+
+log = logging.getLogger("rsmoe.train")
+
+
+def to_device(inputs: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+@dataclass
+class StepResult:
+    expert_loss: torch.Tensor
+    """(n_experts,) loss per expert in logged order, averaged over micro-batches and data-parallel replicas."""
+    tokens: int
+    """LLM positions this step processed over every rank."""
+    seconds: float
+
+
+def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, local_ids: list[int], args: TrainArgs,
+               layout: ParallelLayout, ep_plan: ExpertParallel, state: TrainState) -> StepResult:
+    """One optimizer step (grad_accum micro-batches). Collective: every rank calls it."""
+    t0 = time.time()
+    loss_sum = torch.zeros(len(local_ids))  # this rank's experts
+    n_tokens = 0
+    for micro in range(args.train.grad_accum):
+        batch = next(data_iter)
+        # Seeded per (step, micro, data rank): instruction choice is reproducible after resume.
+        rng = random.Random(f"{args.seed}/{state.step}/{micro}/{layout.dp_rank}")
+        if args.stage == 1:
+            inputs = processor.stage1_inputs(batch, rng, args.data.vqa_prob)
+        else:
+            inputs = processor.stage2_inputs(batch, rng, local_ids, args.data.vqa_prob)
+        n_tokens += int(inputs["attention_mask"].sum()) + inputs["input_ids"].shape[0] * args.model.qformer.num_query_tokens
+        out = faults.poison_loss(engine(**to_device(inputs, engine.device)), state.step + 1)
+        engine.backward(guard.loss_for_backward(out["loss"]))
+        engine.step()
+        loss_sum += out["expert_loss"].float().cpu()
+    # Loss per expert, averaged over the expert's data-parallel replicas, then every expert's.
+    dp_group = layout.mpu(args.stage).get_data_parallel_group()
+    expert_loss = ep_plan.all_expert_losses(collectives.all_mean(loss_sum / args.train.grad_accum, dp_group))
+    step_tokens = int(ep_plan.sum_over_ep(torch.tensor([float(n_tokens)], dtype=torch.float64)).item()) * layout.dp
+    return StepResult(expert_loss, step_tokens, time.time() - t0)
+
+
+def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep_plan: ExpertParallel) -> TrainState:
+    """The run's state from `checkpoints/latest` (engine, loader position, RNG), or a fresh one."""
+    if collectives.rank() == 0:
+        ckpt.sweep_incomplete()
+    if not args.checkpoint.resume:
+        return TrainState()
+    tag = ckpt.latest_tag()
+    ep_plan.check_checkpoint(ckpt.dir / tag if tag else None)
+    restored = ckpt.load([engine])
+    if restored is None:
+        return TrainState()
+    state, tag = restored
+    loader.load_state_dict(state.data)
+    log.info("resumed from %s at step %d", tag, state.step)
+    return state
+
+
+def step_scalars(result: StepResult, names: list[str]) -> dict[str, float]:
+    return {"loss/total": float(result.expert_loss.sum()),
+            **{f"loss/{n}": float(v) for n, v in zip(names, result.expert_loss)}}
+
+
+def train(args: TrainArgs) -> dict:
+    preflight(args)  # paths, layout, DeepSpeed JSON: fail in a second, before any heavy work
+    info = init_distributed(args.distributed.backend)
+    run_dir = Path(args.run_dir)
+    setup_logging(info.rank, run_dir / "logs" / f"train_rank{info.rank}.log")
+    layout = ParallelLayout(n_experts=len(args.model.experts), ep=args.distributed.ep if args.stage == 2 else 1,
+                            world_size=info.world_size, rank=info.rank)
+    layout.build_groups()
+    ep_plan = ExpertParallel(args, layout)
+    is_main = info.rank == 0
+    if is_main:
+        check_resume_compatible(args, run_dir)
+        dump_config(args, run_dir / "config.yaml")
+    log.info("stage %d | world %d = ep %d x dp %d | %s | %s", args.stage, info.world_size, layout.ep, layout.dp,
+             device_type(), resolve_precision(args))
+
+    model, processor, local_ids = build_stage_model(args, layout)
+    ep_plan.attach(model)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+    engine, ds_cfg = build_engine(model, args, layout, load_ds_json(args.deepspeed_config))
+    log.info("ZeRO-%d | trainable parameters %s | experts on this rank: %s",
+             ds_cfg["zero_optimization"].get("stage", 0), f"{n_train:,}", model.expert_names)
+    loader = build_train_loader(args, layout)
+    ckpt = CheckpointManager(run_dir, keep=args.checkpoint.keep, subdirs=ep_plan.ckpt_subdirs)
+    state = restore(ckpt, engine, loader, args, ep_plan)
+
+    preemption.install()
+    samples = sample_batch(args)
+    metrics = MetricLogger(run_dir, enabled=is_main, resume_step=state.step)
+    guard = NonFiniteGuard(engine, args.train.nan_tolerance)
+    names = ep_plan.logged_names(model)
+    data_group = layout.mpu(args.stage).get_data_parallel_group()
+    samples_per_step = args.train.micro_batch_size * args.train.grad_accum * layout.dp
+    t = args.train
+    pbar = tqdm(total=t.steps, initial=state.step, disable=not is_main, desc=f"stage {args.stage}", dynamic_ncols=True)
+    data_iter = iter(loader)
+    last: dict[str, float] = {}
+    engine.train()
+    while state.step < t.steps:
+        result = train_step(engine, processor, data_iter, guard, local_ids, args, layout, ep_plan, state)
+        state.step += 1
+        state.samples += samples_per_step
+        state.tokens += result.tokens
+        state.data = loader.state_dict()
+        guard.end_step(engine, state.step, ckpt.latest_tag)  # skipped on every rank, or halts
+        last = step_scalars(result, names)
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            gn = engine.get_global_grad_norm()
+            metrics.log(state.step, {
+                **last,
+                "optim/lr": engine.get_lr()[0],
+                "optim/grad_norm": float(gn) if gn is not None else float("nan"),
+                "speed/samples_per_s": samples_per_step / result.seconds,
+                "speed/tokens_per_s": result.tokens / result.seconds,
+                "speed/step_s": result.seconds,
+                "memory/peak_gib": peak_memory_gib(),
+                "optim/skipped_steps": guard.skipped,
+                **{f"data/{k}": v for k, v in global_data_stats(loader, data_group).items()},
+            })
+        pbar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in last.items()})
+        pbar.update(1)
+        if samples is not None and ((t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps):
+            log_generations(engine, processor, samples, args, metrics, state.step, ep_plan)
+
+        stopping = preemption.requested() or (t.stop_after_steps and state.step >= t.stop_after_steps)
+        if stopping or state.step % args.checkpoint.every == 0 or state.step == t.steps:
+            ckpt.save([engine], state)
+        if stopping:
+            log.warning("stopping at step %d on a preemption signal; checkpoint %s written", state.step, ckpt.latest_tag())
+            if is_main:
+                preemption.requeue()
+            metrics.close()
+            return {"step": state.step, "preempted": True, **last}
+        faults.fire("after_step", state.step)
+    pbar.close()
+
+    out = write_final(engine.module, args, run_dir / "final",
+                      init_dir=model_dir.stage1_dir(args.init_from) if args.stage == 2 else None,
+                      write_adapters=layout.dp_rank == 0)
+    metrics.close()
+    log.info("stage %d done: %d steps, final loss %s; model directory %s", args.stage, state.step,
+             {k: round(v, 4) for k, v in last.items()}, out)
+    return {"step": state.step, **last}

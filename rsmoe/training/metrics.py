@@ -1,0 +1,100 @@
+"""Training metrics: metrics.jsonl + TensorBoard (rank 0 only), and the per-step numbers the loop logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rsmoe.distributed import collectives
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep rows with step <= last_step (and drop a line cut short by a kill), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+class MetricLogger:
+    """Appends {step, ...} to metrics.jsonl and mirrors scalars/text to TensorBoard. No-op off rank 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: the step the run (re)starts from; rows logged after it by a run that died before
+        its next checkpoint are dropped (they are about to be recomputed) from metrics.jsonl and TensorBoard."""
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_jsonl(run_dir / "metrics.jsonl", resume_step)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.file.flush()
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+    def __enter__(self) -> "MetricLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def global_data_stats(loader, group=None) -> dict[str, float]:
+    """Skip counts summed over the data-parallel ranks (collective when distributed).
+
+    Pass the group whose ranks read disjoint data (the expert-DP group: ranks of one EP group read
+    the same batches and would be counted ep times over the world).
+    """
+    stats = loader.stats()
+    keys = sorted(stats)
+    t = collectives.all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64), group)
+    out = dict(zip(keys, t.tolist()))
+    out["skipped_total"] = float(sum(out.values()))
+    return out
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory of this process: CUDA allocations on GPU, peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-H100 check of the training step at the RS-MoE-1B shape (DESIGN §7), ~5 minutes, <= 8.
+# One-H100 check of the training step at the RS-MoE-1B shape (docs/design.md §7), ~5 minutes, <= 8.
 #
 # Runs bench/train_step.py --shape rsmoe-1b, bf16, batch 16, in one go:
 #   baseline (transformers + peft) Stage I and Stage II (3 model copies in turn),

@@ -2,7 +2,7 @@
 
     python bench/train_step.py --shape tiny                      # CPU, seconds
     python bench/train_step.py --shape small                     # CPU, a few minutes
-    python bench/train_step.py --shape rsmoe-1b --json out.json  # GPU (bf16), DESIGN §7 shapes
+    python bench/train_step.py --shape rsmoe-1b --json out.json  # GPU (bf16), docs/design.md §7 shapes
 
 Every configuration runs in its own child process (clean peak memory, clean DeepSpeed state) on
 random weights with the real shapes. Rows of the table:
@@ -35,7 +35,7 @@ Per LLM row of S = Q + L_text positions, T_t target tokens (the rows are B in St
   LM head (frozen, target positions only): 4*d*V*T_t
 P_* count the matmul weights of the transformer layers (embeddings are lookups). Achieved TFLOP/s =
 model FLOPs / step time; the ceiling is a big matmul measured in the same run, in the runs'
-precision (bf16 8192^3 on GPU; on CPU, fp32 by default, the best of 1024^3 and 2048^3 over 3 rounds). These formulas reproduce DESIGN §7's anchors (70.1 samples/s ->
+precision (bf16 8192^3 on GPU; on CPU, fp32 by default, the best of 1024^3 and 2048^3 over 3 rounds). These formulas reproduce docs/design.md §7's anchors (70.1 samples/s ->
 ~76 TFLOP/s for the 1-expert step).
 
 Options: --zero none/2/3 (several), --precision auto/fp32/bf16, --grad-ckpt, --attn sdpa/flash_attention_2
@@ -107,7 +107,7 @@ SHAPES = {
                    queries=32, q_hidden=256, q_layers=4, q_heads=4, q_inter=1024, instr_len=16,
                    d=512, inter=1408, layers=4, heads=8, kv_heads=2, vocab=8000, lora_r=8,
                    prompt_len=16, target_len=48, batch=4, q_vocab=8000),
-    # DESIGN §7: EVA ViT-g/14 224 px (InstructBlipVisionConfig defaults), InstructBLIP Q-Former
+    # docs/design.md §7: EVA ViT-g/14 224 px (InstructBlipVisionConfig defaults), InstructBLIP Q-Former
     # (32 queries, BERT-base), TinyLlama-1.1B-shaped experts, LoRA r=8 on the FFN, 32 prefix +
     # 96 text tokens (16 prompt + 80 caption) = 128 LLM positions, batch 16.
     "rsmoe-1b": Shape("rsmoe-1b", image=224, patch=14, v_hidden=1408, v_layers=39, v_heads=16, v_inter=6144,

@@ -1,9 +1,12 @@
-"""Shared fixtures: the bundled sample shards and tiny-preset configs. CPU only, offline."""
+"""Shared fixtures: the bundled sample shards, tiny-preset configs, a tiny trained run. CPU only,
+offline; everything is written under pytest's temporary directories. Tests under tests/integration/
+(real launchers, several ranks, kills, SLURM fakes) get the `integration` marker, so
+`pytest -m "not integration"` is the fast loop."""
 
 from __future__ import annotations
 
 import os
-import socket
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,22 +16,25 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, free_port, train_tiny_runs  # noqa: E402
+
+INTEGRATION = Path(__file__).parent / "integration"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
-def sample_shards() -> dict:
+def sample_shards(tmp_path_factory) -> dict:
     from rsmoe.data.sample import build_sample_shards
 
-    out = os.path.join(REPO, "data", "shards", "sample")
+    out = tmp_path_factory.mktemp("sample_shards")
     build_sample_shards(out)
-    return {"train": os.path.join(out, "train-*.tar"), "val": os.path.join(out, "val-*.tar")}
+    return {"train": str(out / "train-*.tar"), "val": str(out / "val-*.tar"), "test": str(out / "test-*.tar"),
+            "dir": str(out)}
 
 
 @pytest.fixture
@@ -40,6 +46,12 @@ def tiny_overrides(sample_shards, tmp_path) -> list[str]:
         f"run_dir={tmp_path / 'stage1'}",
         f"deepspeed_config={os.path.join(REPO, 'ds_configs', 'zero2.json')}",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(sample_shards, tmp_path_factory) -> dict[str, Path]:
+    """A tiny Stage I + Stage II run, trained once per session: {"stage1": run dir, "stage2": run dir}."""
+    return train_tiny_runs(tmp_path_factory.mktemp("tiny_runs"), sample_shards)
 
 
 @pytest.fixture

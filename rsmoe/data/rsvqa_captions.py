@@ -1,7 +1,7 @@
 """Derive theme/objects/relations captions for an RSVQA image from its question-answer pairs.
 
 RSVQA questions are generated from OpenStreetMap with a handful of templates, so they can be parsed
-back into facts and re-worded as caption sentences (DESIGN §4):
+back into facts and re-worded as caption sentences (docs/design.md §4):
 
 * **theme** - the sensor and resolution, the ``rural_urban`` answer when there is one (RSVQA-LR), and
   the land uses that are present (residential/commercial/industrial areas, farmland, forest, water,

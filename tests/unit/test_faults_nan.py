@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from faultkit import checkpoint_tensors, rows, same_tensors
+from tests.helpers import checkpoint_tensors, rows, same_tensors
 from rsmoe import cli
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed

@@ -156,7 +156,7 @@ def _train_adapters(ds_json: str, steps: int = 3) -> list[torch.Tensor]:
 def test_zero3_with_residency_trains_the_same_adapters_as_zero2(dist_env):
     import os
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     z2 = _train_adapters(os.path.join(REPO, "ds_configs", "zero2.json"))
     z3 = _train_adapters(os.path.join(REPO, "ds_configs", "zero3.json"))

@@ -11,8 +11,8 @@ import tarfile
 from pathlib import Path
 
 
-from conftest import REPO
-from faultkit import rows
+from tests.helpers import REPO
+from tests.helpers import rows
 from rsmoe import cli
 from rsmoe.data import loader as loader_mod
 

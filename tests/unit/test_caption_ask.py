@@ -9,15 +9,14 @@ import os
 import pytest
 import torch
 
-from conftest import REPO
-from test_eval_run import tiny_run
+from tests.helpers import REPO
 
 IMAGE = os.path.join(REPO, "data", "sample", "ucm_captions", "images", "91.png")  # UCM-Captions_91 in val shards
 
 
 @pytest.fixture(scope="module")
-def run_dirs(sample_shards):
-    return tiny_run(sample_shards)
+def run_dirs(tiny_runs):
+    return tiny_runs
 
 
 @pytest.fixture(scope="module")

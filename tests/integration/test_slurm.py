@@ -7,24 +7,18 @@ process of a job step (so DataLoader workers get USR2 too).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from tests.helpers import REPO, SCRUB, eval_available, free_port, metric_steps, wait_until
 
 FAKE = Path(REPO) / "tests" / "fake_slurm"
-# Variables a developer's shell may carry that would change what the scripts do.
-SCRUB = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DS_ACCELERATOR",
-         "CONFIG", "RUN_ROOT", "RUN_DIR", "INIT_FROM", "DS_CONFIG", "GPUS", "NODES", "DEVICE", "MODEL",
-         "EVAL_SHARDS", "EVAL_ARGS", "EVAL", "SBATCH_ARGS", "SRUN_ARGS", "RSMOE_REPO", "PYTHON", "DRY_RUN")
 
 
 def kill_leftover_tasks(state: Path) -> None:
@@ -59,22 +53,6 @@ def fake_slurm_env(state: Path, job_id: int, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    f = run_dir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in f.read_text().splitlines()] if f.exists() else []
-
-
-def wait_until(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
-        if time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_sbatch_headers_requeue_on_signal_to_all_ranks():
@@ -157,12 +135,6 @@ def read_submissions(state: Path) -> dict[int, tuple[list[str], dict[str, str]]]
 
 def option(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
-
-
-def eval_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("rsmoe.eval.run") is not None
 
 
 def test_submit_pipeline_chains_stages_and_eval(tmp_path):

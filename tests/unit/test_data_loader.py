@@ -13,7 +13,7 @@ from PIL import Image
 from rsmoe.data.loader import build_loader, expand_shards
 from rsmoe.data.schema import make_record
 
-FIX = Path(__file__).parent / "data"
+FIX = Path(__file__).parents[1] / "data"
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 IMAGES = sorted((FIX / "rsicap/images").glob("*.png")) + sorted((FIX / "rsvqa_hr/images").glob("*.png"))
 

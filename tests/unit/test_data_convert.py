@@ -12,7 +12,7 @@ from rsmoe.data.convert import ConvertError, convert_samples
 from rsmoe.data.sample import build_sample_shards
 from rsmoe.data.schema import validate_record
 
-FIX = Path(__file__).parent / "data"
+FIX = Path(__file__).parents[1] / "data"
 
 
 def read_shards(out: Path) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """Resume on another number of ranks: 2 -> 1 (ZeRO-2 and ZeRO-3) and 1 -> 2 (ZeRO-3).
 
-One 2-rank launch (tests/reshape_helper.py) writes, per ZeRO stage, an uninterrupted 6-step run, the
+One 2-rank launch (tests/helpers/reshape_worker.py) writes, per ZeRO stage, an uninterrupted 6-step run, the
 same run stopped at step 3, and the state DeepSpeed's ordinary same-size load restores from it. Here,
 on one rank, the reshaped load must restore exactly that state (weights, both Adam moments, step, LR),
 and the resumed run must finish with losses close to the uninterrupted 2-rank run's (they differ only
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port
-from reshape_helper import common, load_and_dump
+from tests.helpers import REPO, free_port
+from tests.helpers.reshape_worker import common, load_and_dump
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed
 
@@ -62,7 +62,7 @@ def two_rank(tmp_path_factory, sample_shards) -> dict:
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(REPO, "tests", "reshape_helper.py"), str(root), sample_shards["train"], sample_shards["val"], str(one)]
+           os.path.join(REPO, "tests", "helpers", "reshape_worker.py"), str(root), sample_shards["train"], sample_shards["val"], str(one)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"root": root, "one": one, "one_ref": one_ref, "log": proc.stderr}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faultkit import adapter
+from tests.helpers import adapter
 from rsmoe import cli
 from rsmoe.io.checkpoints import COMPLETE
 from rsmoe.training.checkpointer import CheckpointManager

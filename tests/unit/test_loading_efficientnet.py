@@ -14,7 +14,7 @@ import torch
 from rsmoe.assets import resolve_path
 from rsmoe.models.efficientnet import EfficientNetEncoder
 
-UCM_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample" / "ucm_captions" / "images"
+UCM_IMAGES = Path(__file__).resolve().parents[2] / "data" / "sample" / "ucm_captions" / "images"
 
 
 @pytest.fixture(scope="module")

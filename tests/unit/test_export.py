@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed
 from rsmoe.io.export import ExportError, export_run

@@ -1,6 +1,6 @@
-"""Run under torchrun (2 ranks) by tests/test_reshape.py; also imported there for `dump_state`.
+"""Run under torchrun (2 ranks) by tests/integration/test_reshape.py, which also imports `load_and_dump`.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/reshape_helper.py OUT SHARDS_TRAIN SHARDS_VAL [ONE_RANK_RUN]
+    python -m torch.distributed.run --nproc_per_node 2 tests/helpers/reshape_worker.py OUT SHARDS_TRAIN SHARDS_VAL [ONE_RANK_RUN]
 
 For ZeRO-2 and ZeRO-3: an uninterrupted 6-step run (OUT/z{z}_full), the same run stopped at step 3
 (OUT/z{z}_parted), and the full state DeepSpeed's own same-world-size load restores from that step-3
@@ -60,7 +60,7 @@ def load_and_dump(args):
 
 
 def common(train_shards: str, val_shards: str, zero: int) -> list[str]:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     return [f"data.train_shards={train_shards}", f"data.val_shards={val_shards}", "train.steps=6",
             "checkpoint.every=3", "train.log_every=1", "train.num_eval_samples=0",
             f"deepspeed_config={repo}/ds_configs/zero{zero}.json"]

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, free_port
-from faultkit import (adapter, checkpoint_tensors, kill_group, rows, rsmoe_cmd, run, same_tensors, start, torchrun_cmd,
+from tests.helpers import REPO, free_port
+from tests.helpers import (adapter, checkpoint_tensors, kill_group, rows, rsmoe_cmd, run, same_tensors, start, torchrun_cmd,
                       wait_for_line)
 from rsmoe.io.checkpoints import COMPLETE
 from rsmoe.training.checkpointer import CheckpointManager

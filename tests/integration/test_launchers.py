@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_slurm import SCRUB, eval_available, metric_steps, wait_until
+from tests.helpers import REPO
+from tests.helpers import SCRUB, eval_available, metric_steps, wait_until
 
 SCRIPTS = sorted(
     [p for d in ("launchers", "slurm") for p in (Path(REPO) / d).iterdir() if p.suffix in (".sh", ".sbatch")]

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from rsmoe.data import splitter as new
 
+    old = load_old(args.old_rev)
     caps = load_fixture(args.fixture)
     n_sent = sum(len(c["sentences"]) for c in caps)
     n_amb = sum(s["label"] == "ambiguous" for c in caps for s in c["sentences"])
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'splitter':<16}" + "".join(f"{c:>8}" for c in cols) + "  " + "  ".join(f"{p[:5]:>5} P/R" for p in PARTS)
           + f"{'all3':>7}{'emptyO':>8}{'UCM refs':>10}{'UCM 1st':>9}")
     print(f"{'human labels':<16}" + " " * (8 * len(cols) + 2 + 11 * len(PARTS) + 4) + f"{h3:>7.2f}{he:>8.2f}")
-    for name, mod in ((f"old ({args.old_rev})", load_old(args.old_rev)), ("new (tree)", new)):
+    for name, mod in ((f"old ({args.old_rev})", old), ("new (tree)", new)):
         r = evaluate(mod, caps, args.errors if mod is new else None)
         a = r["agree"]
         pr = "  ".join(f"{r['precision'][p]:.2f}/{r['recall'][p]:.2f}" for p in PARTS)

@@ -8,8 +8,8 @@ from rsmoe.data.rsvqa_captions import parts_to_caption, qa_to_parts
 from rsmoe.data.splitter import classify_sentence, normalise_caption, split_caption, split_sentences
 
 PARTS = ("theme", "objects", "relations")
-FIXTURE = Path(__file__).parent / "data/splitter/rsicap_style.jsonl"
-UCM = Path(__file__).parent.parent / "data/sample/ucm_captions/captions.json"
+FIXTURE = Path(__file__).parents[1] / "data/splitter/rsicap_style.jsonl"
+UCM = Path(__file__).parents[2] / "data/sample/ucm_captions/captions.json"
 
 
 def _sentences(parts):

@@ -65,11 +65,38 @@ def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"timed out waiting for '{text}' in {path}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children first found by parent id in /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process below it, as a scheduler kills a job's cgroup: torchrun
+    starts each rank in its own session, so killing torchrun's process group alone would orphan them."""
+    victims = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
     if proc.stdout:
         proc.stdout.close()

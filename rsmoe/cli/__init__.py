@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import os
 import sys
 
@@ -78,7 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(ns) or 0)
     except (UserError, Halted, FileNotFoundError, NotADirectoryError) as exc:
+        end_helper_processes()
         return report(name, exc)
+    except BaseException:
+        end_helper_processes()
+        raise
+
+
+def end_helper_processes() -> None:
+    """A failing command ends its helper processes (DataLoader workers) at once. The workers ignore
+    SIGTERM, so that a preemption signal sent to the whole job cannot kill them while the trainer
+    writes its checkpoint; but then the interpreter's exit (which terminates daemonic children with
+    SIGTERM and joins them) would wait for them forever, and a crashed job would hold its nodes."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
 
 
 if __name__ == "__main__":

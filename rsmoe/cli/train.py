@@ -40,6 +40,8 @@ def args_from_cli(ns: argparse.Namespace) -> TrainArgs:
 def run(ns: argparse.Namespace) -> int:
     try:
         train(args_from_cli(ns))
-    finally:
-        shutdown_distributed()
+    except BaseException:
+        shutdown_distributed(barrier=False)  # the other ranks may never reach a barrier: do not wait for them
+        raise
+    shutdown_distributed()
     return 0

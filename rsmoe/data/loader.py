@@ -360,6 +360,19 @@ def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this worker when its trainer dies (kill -9, a crash), instead of
+    leaving it to torch's parent watchdog (a poll every few seconds, and only when the worker idles)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the watchdog remains
+        pass
 
 
 def _identity(x: Any) -> Any:

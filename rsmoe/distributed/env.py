@@ -86,10 +86,14 @@ def init_object_group() -> WorldInfo:
     return info
 
 
-def shutdown_distributed() -> None:
-    # Without the barrier + destroy, torch 2.13 + gloo can abort at interpreter exit (SIGABRT).
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group. `barrier=False` on an error path: a rank that failed must not wait
+    for ranks that may be stuck or gone."""
+    # Without the destroy (and, on a clean exit, the barrier), torch 2.13 + gloo can abort at
+    # interpreter exit (SIGABRT).
     if dist.is_initialized():
         try:
-            collectives.barrier()
+            if barrier:
+                collectives.barrier()
         finally:
             dist.destroy_process_group()

@@ -145,7 +145,8 @@ class RSMoE(nn.Module):
         `pixel_values` (None: one image per prefix).
 
         Returns {'loss', 'expert_loss' (n_local,) token-mean per local expert (detached),
-        'expert_tokens' (n_local,)}. A plain dict so ZeRO-3's hooks can see the tensors.
+        'expert_loss_sum' (n_local,) summed token loss, 'expert_tokens' (n_local,)}. A plain dict so
+        ZeRO-3's hooks can see the tensors.
         """
         if prefix is None:
             v_in = (pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
@@ -157,4 +158,5 @@ class RSMoE(nn.Module):
         expert_loss = summed / tok.clamp(min=1)
         # Sum (not mean) over experts: each adapter's gradient is that of its own loss, whatever the layout.
         loss = expert_loss.sum()
-        return {"loss": loss, "expert_loss": expert_loss.detach(), "expert_tokens": tok.detach()}
+        return {"loss": loss, "expert_loss": expert_loss.detach(), "expert_loss_sum": summed.detach(),
+                "expert_tokens": tok.detach()}

@@ -8,6 +8,7 @@
     hang:before_complete:4  inside checkpoint save of step 4: all state files written, COMPLETE not yet
     exit:before_complete:4  same place, but the process dies at once (os._exit, like a node loss)
     exit:in_export:6      while writing final/ of a 6-step run: adapters written, INCOMPLETE not yet removed
+    raise:after_step:2:1  after optimizer step 2, rank 1 raises RuntimeError (a crash, as a bug would)
 
 Steps are 1-based optimizer steps, as in metrics.jsonl and checkpoint tags. A `hang`/`exit` logs
 "fault injection: ..." first, so a test can wait for that line in `logs/train_rank{r}.log`.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 ENV = "RSMOE_FAULT"
-ACTIONS = ("nan", "inf", "hang", "exit")
+ACTIONS = ("nan", "inf", "hang", "exit", "raise")
 POINTS = ("loss", "after_step", "before_complete", "in_export")
 EXIT_CODE = 99
 
@@ -76,14 +77,21 @@ def poison_loss(out: dict, step: int) -> dict:
         return out
     bad = float("nan") if action == "nan" else float("inf")
     log.warning("fault injection: %s loss at step %d", action, step)
-    return {**out, "loss": out["loss"] * bad, "expert_loss": out["expert_loss"] * bad}
+    return {**out, "loss": out["loss"] * bad, "expert_loss": out["expert_loss"] * bad,
+            "expert_loss_sum": out["expert_loss_sum"] * bad}
+
+
+class InjectedCrash(RuntimeError):
+    """The `raise` fault: an exception like any bug's, raised where the spec says."""
 
 
 def fire(point: str, step: int) -> None:
-    """`hang`/`exit` at a process point (after_step, before_complete, in_export)."""
+    """`hang`/`exit`/`raise` at a process point (after_step, before_complete, in_export)."""
     action = active(point, step)
-    if action not in ("hang", "exit"):
+    if action not in ("hang", "exit", "raise"):
         return
+    if action == "raise":
+        raise InjectedCrash(f"fault injection: raise at {point} of step {step} (pid {os.getpid()})")
     log.warning("fault injection: %s at %s of step %d (pid %d)", action, point, step, os.getpid())
     for h in logging.getLogger().handlers:
         h.flush()

@@ -29,7 +29,7 @@ from rsmoe.training import preemption
 from rsmoe.training.builders import build_stage_model, build_train_loader
 from rsmoe.training.checkpointer import CheckpointManager, write_final
 from rsmoe.training.engine import build_engine, load_ds_json, resolve_precision
-from rsmoe.training.metrics import MetricLogger, global_data_stats, peak_memory_gib
+from rsmoe.training.metrics import LossWindow, MetricLogger, global_data_stats, peak_memory_gib
 from rsmoe.training.nan_guard import NonFiniteGuard
 from rsmoe.training.preflight import check_resume_compatible, preflight
 from rsmoe.training.samples import log_generations, sample_batch
@@ -44,19 +44,25 @@ def to_device(inputs: dict, device) -> dict:
 
 @dataclass
 class StepResult:
-    expert_loss: torch.Tensor
-    """(n_experts,) loss per expert in logged order, averaged over micro-batches and data-parallel replicas."""
-    tokens: int
-    """LLM positions this step processed over every rank."""
+    loss_sum: torch.Tensor
+    """(n_experts,) summed target-token loss per expert in logged order, over micro-batches and replicas."""
+    tokens: torch.Tensor
+    """(n_experts,) target tokens per expert, likewise."""
+    positions: int
+    """LLM positions (prefix + text) this step processed over every rank."""
     seconds: float
 
 
 def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, local_ids: list[int], args: TrainArgs,
                layout: ParallelLayout, ep_plan: ExpertParallel, state: TrainState) -> StepResult:
-    """One optimizer step (grad_accum micro-batches). Collective: every rank calls it."""
+    """One optimizer step (grad_accum micro-batches). Collective: every rank calls it.
+
+    Losses and token counts stay on the device and are reduced once per optimizer step: nothing here
+    waits for the device per micro-batch (the inputs' sizes are read on the host before the copy)."""
     t0 = time.time()
-    loss_sum = torch.zeros(len(local_ids))  # this rank's experts
-    n_tokens = 0
+    loss_sum = torch.zeros(len(local_ids), device=engine.device)  # this rank's experts
+    tokens = torch.zeros(len(local_ids), device=engine.device)
+    positions = 0
     for micro in range(args.train.grad_accum):
         batch = next(data_iter)
         # Seeded per (step, micro, data rank): instruction choice is reproducible after resume.
@@ -65,16 +71,18 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
             inputs = processor.stage1_inputs(batch, rng, args.data.vqa_prob)
         else:
             inputs = processor.stage2_inputs(batch, rng, local_ids, args.data.vqa_prob)
-        n_tokens += int(inputs["attention_mask"].sum()) + inputs["input_ids"].shape[0] * args.model.qformer.num_query_tokens
+        positions += int(inputs["attention_mask"].sum()) + inputs["input_ids"].shape[0] * args.model.qformer.num_query_tokens
         out = faults.poison_loss(engine(**to_device(inputs, engine.device)), state.step + 1)
         engine.backward(guard.loss_for_backward(out["loss"]))
         engine.step()
-        loss_sum += out["expert_loss"].float().cpu()
-    # Loss per expert, averaged over the expert's data-parallel replicas, then every expert's.
+        loss_sum += out["expert_loss_sum"].float()
+        tokens += out["expert_tokens"].float()
+    # Summed over the expert's data-parallel replicas, then every expert's in order (EP gathers blocks).
     dp_group = layout.mpu(args.stage).get_data_parallel_group()
-    expert_loss = ep_plan.all_expert_losses(collectives.all_mean(loss_sum / args.train.grad_accum, dp_group))
-    step_tokens = int(ep_plan.sum_over_ep(torch.tensor([float(n_tokens)], dtype=torch.float64)).item()) * layout.dp
-    return StepResult(expert_loss, step_tokens, time.time() - t0)
+    sums = collectives.all_sum(torch.cat([loss_sum, tokens]), dp_group)
+    loss_sum, tokens = ep_plan.all_expert_losses(sums[: len(local_ids)]), ep_plan.all_expert_losses(sums[len(local_ids):])
+    step_positions = int(ep_plan.sum_over_ep(torch.tensor([float(positions)], dtype=torch.float64)).item()) * layout.dp
+    return StepResult(loss_sum.cpu(), tokens.cpu(), step_positions, time.time() - t0)
 
 
 def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep_plan: ExpertParallel) -> TrainState:
@@ -92,11 +100,6 @@ def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep
     loader.load_state_dict(state.data)
     log.info("resumed from %s at step %d", tag, state.step)
     return state
-
-
-def step_scalars(result: StepResult, names: list[str]) -> dict[str, float]:
-    return {"loss/total": float(result.expert_loss.sum()),
-            **{f"loss/{n}": float(v) for n, v in zip(names, result.expert_loss)}}
 
 
 def train(args: TrainArgs) -> dict:
@@ -135,30 +138,33 @@ def train(args: TrainArgs) -> dict:
     t = args.train
     pbar = tqdm(total=t.steps, initial=state.step, disable=not is_main, desc=f"stage {args.stage}", dynamic_ncols=True)
     data_iter = iter(loader)
+    window = LossWindow(names)
     last: dict[str, float] = {}
     engine.train()
     while state.step < t.steps:
         result = train_step(engine, processor, data_iter, guard, local_ids, args, layout, ep_plan, state)
         state.step += 1
         state.samples += samples_per_step
-        state.tokens += result.tokens
+        state.tokens += result.positions
         state.data = loader.state_dict()
         guard.end_step(engine, state.step, ckpt.latest_tag)  # skipped on every rank, or halts
-        last = step_scalars(result, names)
+        window.add(result.loss_sum, result.tokens)
+        last = losses = {k: v for k, v in window.scalars().items() if k.startswith("loss/")}
         if state.step % t.log_every == 0 or state.step == t.steps:
             gn = engine.get_global_grad_norm()
             metrics.log(state.step, {
-                **last,
+                **window.scalars(),
                 "optim/lr": engine.get_lr()[0],
                 "optim/grad_norm": float(gn) if gn is not None else float("nan"),
                 "speed/samples_per_s": samples_per_step / result.seconds,
-                "speed/tokens_per_s": result.tokens / result.seconds,
+                "speed/tokens_per_s": result.positions / result.seconds,
                 "speed/step_s": result.seconds,
                 "memory/peak_gib": peak_memory_gib(),
                 "optim/skipped_steps": guard.skipped,
                 **{f"data/{k}": v for k, v in global_data_stats(loader, data_group).items()},
             })
-        pbar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in last.items()})
+            window.reset()
+        pbar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in losses.items()})
         pbar.update(1)
         if samples is not None and ((t.eval_every and state.step % t.eval_every == 0) or state.step == t.steps):
             log_generations(engine, processor, samples, args, metrics, state.step, ep_plan)

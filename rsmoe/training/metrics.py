@@ -98,3 +98,34 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class LossWindow:
+    """Per-expert losses over a logging window, weighted by target tokens.
+
+    A step adds each expert's summed token loss and token count (already summed over micro-batches
+    and data-parallel replicas); `scalars` gives `loss/<expert>` = summed loss / tokens over the window,
+    left out for an expert with no target token in it (a 0 there would read as a perfect loss),
+    `tokens/<expert>`, and `loss/total` = the token-weighted mean over every expert's tokens.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros(len(self.names), dtype=torch.float64)
+        self.tokens = torch.zeros(len(self.names), dtype=torch.float64)
+
+    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.loss += loss_sum.double().cpu()
+        self.tokens += tokens.double().cpu()
+
+    def scalars(self) -> dict[str, float]:
+        total = float(self.tokens.sum())
+        out = {"loss/total": float(self.loss.sum()) / total if total else float("nan")}
+        for name, loss, tok in zip(self.names, self.loss.tolist(), self.tokens.tolist()):
+            if tok > 0:
+                out[f"loss/{name}"] = loss / tok
+        out.update({f"tokens/{name}": tok for name, tok in zip(self.names, self.tokens.tolist())})
+        return out

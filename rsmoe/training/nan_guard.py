@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 class NonFiniteGuard:
     """Skip optimizer steps whose loss is non-finite on any rank; stop after `tolerance` in a row.
 
-    Per micro-batch the non-finite flag is all-reduced (MAX) over the world, so every rank agrees.
+    Per micro-batch the non-finite flag is all-reduced (MAX) over the world, so every rank agrees; it
+    stays on the device (no host synchronisation per micro-batch) and is read once per optimizer step.
     A flagged micro-batch is still run through `engine.backward` / `engine.step` - skipping them would
     break DeepSpeed's micro-step counting and, on one rank only, hang ZeRO's gradient reductions -
     but with its loss multiplied by NaN: the accumulated gradients become non-finite on every rank
@@ -31,8 +32,14 @@ class NonFiniteGuard:
         self.tolerance = max(1, tolerance)
         self.streak = 0
         self.skipped = 0
-        self._bad = False
+        self._flag: torch.Tensor | None = None  # max over this step's micro-batches, on the device
+        self._bad: bool | None = None  # the flag read back, once per step
         self._wrap_optimizer(engine)
+
+    def _step_was_bad(self) -> bool:
+        if self._bad is None:
+            self._bad = self._flag is not None and bool(self._flag.item())
+        return self._bad
 
     def _wrap_optimizer(self, engine) -> None:
         opt = engine.optimizer
@@ -44,8 +51,9 @@ class NonFiniteGuard:
 
         @functools.wraps(original)  # keeps torch's LR-scheduler marker: no "step() overridden" warning
         def step(*a, **k):
-            opt.overflow = self._bad  # the engine reads this to skip the LR step and count skipped_steps
-            return None if self._bad else original(*a, **k)
+            bad = self._step_was_bad()
+            opt.overflow = bad  # the engine reads this to skip the LR step and count skipped_steps
+            return None if bad else original(*a, **k)
 
         opt.step = step
         opt.overflow = False
@@ -53,15 +61,15 @@ class NonFiniteGuard:
     def loss_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Collective (every rank, every micro-batch): the loss to pass to `engine.backward`."""
         flag = collectives.all_max((~torch.isfinite(loss.detach())).any().float().reshape(1))
-        if flag.item() > 0:
-            self._bad = True
-            return loss * float("nan")
-        return loss
+        self._flag = flag if self._flag is None else torch.maximum(self._flag, flag)
+        # x * 1.0 is exactly x (and its gradient exactly 1): a good micro-batch is untouched.
+        return loss * torch.where(flag[0] > 0, float("nan"), 1.0)
 
     def end_step(self, engine, step: int, last_checkpoint: Callable[[], str | None]) -> bool:
         """After the optimizer step: True if it was skipped. Raises TrainingHalted past the tolerance.
         `last_checkpoint` is only called (the checkpoint directory only read) when the step was bad."""
-        bad, self._bad = self._bad, False
+        bad = self._step_was_bad()
+        self._flag, self._bad = None, None
         if not bad:
             self.streak = 0
             return False

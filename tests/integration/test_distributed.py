@@ -45,4 +45,8 @@ def test_two_ranks_stage1_then_stage2(sample_shards, tmp_path):
     for e in ("theme", "objects", "relations"):
         assert (s2 / "final" / "adapters" / e / "adapter_model.safetensors").exists()
     rows = [json.loads(x) for x in (s2 / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss/theme", "loss/objects", "loss/relations", "optim/grad_norm", "speed/tokens_per_s"} <= rows[-1].keys()
+    experts = ("theme", "objects", "relations")
+    assert {"loss/total", "optim/grad_norm", "speed/tokens_per_s", *(f"tokens/{e}" for e in experts)} <= rows[-1].keys()
+    for r in rows:  # a per-expert loss is logged exactly when that expert had target tokens in the window
+        assert all((f"loss/{e}" in r) == (r[f"tokens/{e}"] > 0) for e in experts), r
+    assert all(any(f"loss/{e}" in r for r in rows) for e in experts)

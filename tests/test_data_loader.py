@@ -343,3 +343,23 @@ print("done", flush=True)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(__import__("shutil").which("curl") is None, reason="webdataset opens http(s) shards with curl")
+def test_http_shards_stream_through_webdataset(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    make_shards(tmp_path, [3, 2])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        ld = loader(f"{base}/shard-{{000..001}}.tar :: {base}/missing-000.tar")
+        assert [k for b in ld for k in b["key"]] == [f"s{i:04d}" for i in range(5)]
+        assert {r: n for r, n in ld.stats().items() if n} == {"unreadable_shard": 1}  # the 404
+    finally:
+        server.shutdown()

@@ -328,7 +328,10 @@ def train_samples(src: Iterable[dict[str, str]], counts: Counter[str], max_barre
             if s is not None:
                 got += 1
                 yield s
-        barren = [] if got else barren + [url]
+        if got:
+            barren.clear()
+        else:
+            barren.append(url)
         if len(barren) >= max_barren:
             raise NoValidDataError(f"no valid sample in {len(barren)} consecutive shard reads of "
                                    f"{_brief(sorted(set(barren)))} (skips so far: {dict(counts)}); "

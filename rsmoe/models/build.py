@@ -62,7 +62,15 @@ def _build_vision(m: ModelArgs) -> nn.Module:
     if v.type == "efficientnet":
         return EfficientNetEncoder(str(resolve_path(v.path)) if v.path else None)
     if v.path:
-        return VisionTokens(_instructblip_parts(v.path)["vision_model"])
+        vit = _instructblip_parts(v.path)["vision_model"]
+        if vit.config.image_size != v.image_size:
+            # Images are resized to model.vision.image_size; a ViT trained at another size has position
+            # embeddings for another number of patches, and the forward would fail on a shape mismatch.
+            raise ConfigError(
+                f"config key 'model.vision.image_size': {v.image_size}, but the vision checkpoint {v.path} was "
+                f"trained at {vit.config.image_size} px; set model.vision.image_size={vit.config.image_size}"
+            )
+        return VisionTokens(vit)
     cfg = InstructBlipVisionConfig(
         hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size,

@@ -90,11 +90,11 @@ def fire(point: str, step: int) -> None:
     action = active(point, step)
     if action not in ("hang", "exit", "raise"):
         return
-    if action == "raise":
-        raise InjectedCrash(f"fault injection: raise at {point} of step {step} (pid {os.getpid()})")
     log.warning("fault injection: %s at %s of step %d (pid %d)", action, point, step, os.getpid())
     for h in logging.getLogger().handlers:
         h.flush()
+    if action == "raise":
+        raise InjectedCrash(f"fault injection: raise at {point} of step {step} (pid {os.getpid()})")
     if action == "exit":
         os._exit(EXIT_CODE)
     while True:  # until SIGKILL; SIGTERM only sets the preemption flag

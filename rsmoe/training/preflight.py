@@ -78,7 +78,7 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"config key 'data.train_shards': {one_line(exc)}") from None
     if args.stage == 2:
-        model_dir.stage1_dir(args.init_from)  # ModelDirError with the fix in its message
+        check_same_model_as_stage1(args, model_dir.stage1_dir(args.init_from))  # ModelDirError: the fix is in it
     run_dir = Path(args.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +87,28 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"config key 'run_dir': {run_dir} is not writable")
     check_resume_compatible(args, run_dir)
+
+
+# What Stage II inherits from Stage I and must not change: the frozen parts' shapes and the Stage I
+# adapter that is merged into the base (prompt lengths, experts, router, attention kernel may change).
+STAGE1_MODEL_KEYS = ("vision", "qformer", "llm", "lora")
+STAGE1_FREE_KEYS = {"qformer.max_instruction_len", "llm.attn_implementation"}
+
+
+def check_same_model_as_stage1(args: TrainArgs, stage1: Path) -> None:
+    """Stage II must build the model its Stage I trained: a differing key is named, with both values."""
+    old = model_dir.run_config(stage1).model
+    for section in STAGE1_MODEL_KEYS:
+        before, now = getattr(old, section), getattr(args.model, section)
+        fields = vars(now) if hasattr(now, "__dataclass_fields__") else {"": now}
+        for name, value in fields.items():
+            key = f"{section}.{name}" if name else section
+            was = getattr(before, name) if name else before
+            if key not in STAGE1_FREE_KEYS and was != value:
+                raise ConfigError(
+                    f"config key 'model.{key}': {value!r}, but the Stage I run {stage1} was trained with {was!r}; "
+                    f"Stage II builds the model Stage I trained: set model.{key}={was!r} (or retrain Stage I)"
+                )
 
 
 def check_resume_compatible(args: TrainArgs, run_dir: Path) -> None:

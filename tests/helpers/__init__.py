@@ -84,6 +84,22 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes whose environment holds RSMOE_TEST_TAG=<tag> (a launched job's every process,
+    orphans included: children inherit the environment even when they outlive their parent)."""
+    needle = f"RSMOE_TEST_TAG={tag}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process below it, as a scheduler kills a job's cgroup: torchrun
     starts each rank in its own session, so killing torchrun's process group alone would orphan them."""

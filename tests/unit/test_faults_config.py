@@ -65,3 +65,15 @@ def test_bad_config_is_one_line_exit_2_before_heavy_work(case, sample_shards, tm
     assert expected in err[0], err[0]
 
 
+
+
+def test_stage2_with_another_model_than_its_stage1_names_the_key(tiny_runs, sample_shards, tmp_path, dist_env, capsys):
+    """Stage II loads Stage I's frozen parts: a changed image size would surface as a tensor-size error
+    deep in a forward ('The size of tensor a (257) must match ... (65)'); it is one line instead."""
+    rc = cli.main(["train", "--config", "tiny", "--stage", "2", "--run-dir", str(tmp_path / "s2"),
+                   "--init-from", str(tiny_runs["stage1"]), f"data.train_shards={sample_shards['train']}",
+                   "model.vision.image_size=32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("rsmoe train: error: config key 'model.vision.image_size': 32, but the Stage I run"), err
+    assert "was trained with 64" in err[0]

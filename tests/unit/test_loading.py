@@ -252,3 +252,15 @@ def test_loading_module_does_not_import_deepspeed() -> None:
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(name.split(".")[0] == "deepspeed" for name in imported)
+
+
+def test_vision_checkpoint_at_another_image_size_is_one_line_naming_the_key(tiny_instructblip_dir: Path) -> None:
+    """A ViT trained at 32 px read at 64 px would fail in its forward (position embeddings for another
+    number of patches: 'The size of tensor a (17) must match ... (65)'); the build names the setting."""
+    from rsmoe.config import ConfigError, load_config
+    from rsmoe.models.build import build_model
+
+    args = load_config("tiny", [f"model.vision.path={tiny_instructblip_dir}", "model.vision.image_size=64"])
+    with pytest.raises(ConfigError, match=r"config key 'model.vision.image_size': 64, but the vision checkpoint .* "
+                                          r"trained at 32 px; set model.vision.image_size=32"):
+        build_model(args.model, args.seed)

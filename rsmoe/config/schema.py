@@ -140,6 +140,12 @@ class CheckpointArgs:
     """Keep the newest N step checkpoints."""
     resume: bool = True
     """Resume from `<run_dir>/checkpoints/latest` when it exists."""
+    lock: bool = True
+    """One job per run directory (`<run_dir>/LOCK`): a second job on a directory a live job holds stops at once."""
+    lock_stale_s: float = 120.0
+    """A lock whose holder is on another host and has not refreshed it for this long is stale (node lost)."""
+    lock_wait_s: float = 300.0
+    """A requeued SLURM job waits this long for its previous attempt to release the lock."""
 
 
 @dataclass

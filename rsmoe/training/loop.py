@@ -19,7 +19,7 @@ from rsmoe.config import TrainArgs, dump_config
 from rsmoe.data.loader import Loader
 from rsmoe.data.processor import Processor
 from rsmoe.distributed import collectives
-from rsmoe.distributed.env import device_type, init_distributed
+from rsmoe.distributed.env import WorldInfo, device_type, init_distributed
 from rsmoe.distributed.expert_parallel import ExpertParallel
 from rsmoe.distributed.layout import ParallelLayout
 from rsmoe.io import model_dir
@@ -32,6 +32,7 @@ from rsmoe.training.engine import build_engine, load_ds_json, resolve_precision
 from rsmoe.training.metrics import LossWindow, MetricLogger, global_data_stats, peak_memory_gib
 from rsmoe.training.nan_guard import NonFiniteGuard
 from rsmoe.training.preflight import check_resume_compatible, preflight
+from rsmoe.training.run_lock import holding
 from rsmoe.training.samples import log_generations, sample_batch
 from rsmoe.training.state import TrainState
 
@@ -106,7 +107,12 @@ def train(args: TrainArgs) -> dict:
     preflight(args)  # paths, layout, DeepSpeed JSON: fail in a second, before any heavy work
     info = init_distributed(args.distributed.backend)
     run_dir = Path(args.run_dir)
-    setup_logging(info.rank, run_dir / "logs" / f"train_rank{info.rank}.log")
+    with holding(run_dir, args.checkpoint):  # one job per run directory (before it writes a log line there)
+        setup_logging(info.rank, run_dir / "logs" / f"train_rank{info.rank}.log")
+        return train_stage(args, info, run_dir)
+
+
+def train_stage(args: TrainArgs, info: WorldInfo, run_dir: Path) -> dict:
     layout = ParallelLayout(n_experts=len(args.model.experts), ep=args.distributed.ep if args.stage == 2 else 1,
                             world_size=info.world_size, rank=info.rank)
     layout.build_groups()

@@ -17,6 +17,7 @@ from rsmoe.errors import one_line
 from rsmoe.io import model_dir
 from rsmoe.models.hf_weights import TOKENIZER_FILES
 from rsmoe.training.engine import build_ds_config, load_ds_json
+from rsmoe.training.run_lock import RunLock
 
 
 def _check_spec(spec: str, key: str, kind: str = "path") -> Path | None:
@@ -86,6 +87,8 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'run_dir': cannot create {run_dir}: {exc.strerror}") from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"config key 'run_dir': {run_dir} is not writable")
+    if args.checkpoint.lock:
+        RunLock(run_dir, args.checkpoint.lock_stale_s, args.checkpoint.lock_wait_s).check()  # a live job holds it?
     check_resume_compatible(args, run_dir)
 
 

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# One-H100 check of the training step at the RS-MoE-1B shape (docs/design.md §7), ~5 minutes, <= 8.
+# One-GPU check (H100/H200), one call that ends within 9 minutes:
+#   1. the CUDA test tier (tests/gpu, ~3 min): both stages of `tiny` in bf16 close to the CPU fp32 run,
+#      ZeRO-2 and ZeRO-3 on one NCCL rank vs plain torch, batched expert generate == experts in turn,
+#      SDPA vs eager (and flash-attn when installed) logits, `rsmoe eval` on CUDA;
+#   2. the training-step benchmark at the RS-MoE-1B shape (docs/design.md §7), bf16, batch 16:
+#      baseline (transformers + peft) Stage I and Stage II (3 model copies in turn),
+#      rsmoe Stage I (ZeRO-2), rsmoe Stage II: plain torch, ZeRO-2, ZeRO-3 (rsmoe's residency rule),
+#      ZeRO-3 as before the rule ("3naive": per-tensor persistence 1e5, per-module hooks),
+#      plus the multi-adapter LoRA micro-benchmark and torch.profiler top ops (CPU+CUDA) of the Stage II
+#      step, plain and ZeRO-3.
+# Logs and JSON go to $OUT when set (else bench/out/). No assertion on time.
 #
-# Runs bench/train_step.py --shape rsmoe-1b, bf16, batch 16, in one go:
-#   baseline (transformers + peft) Stage I and Stage II (3 model copies in turn),
-#   rsmoe Stage I (ZeRO-2), rsmoe Stage II: plain torch, ZeRO-2, ZeRO-3 (rsmoe's residency rule),
-#   ZeRO-3 as before the rule ("3naive": per-tensor persistence 1e5, per-module hooks),
-# plus the multi-adapter LoRA micro-benchmark and torch.profiler top ops (CPU+CUDA) of the Stage II step, plain
-# and ZeRO-3. Table on stdout; JSON to $OUT/train_step_rsmoe-1b.json
-# when $OUT is set (else bench/out/). No assertion on time.
-#
-# PREPARATION (on a machine with internet, once; the GPU image has no DeepSpeed and no network):
-#   mkdir -p wheels && cd wheels
-#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8          # pure-Python wheel, no CUDA ops built
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       pydantic pydantic-core annotated-types typing-inspection hjson   # pydantic-core must be the cp312 wheel
-#   (also ninja/py-cpuinfo/msgpack/psutil/einops if the image lacks them: `python -c "import deepspeed"` says)
-# and put the folder at ./wheels (or point WHEELS=/path) so that it travels with the working tree.
-# This script installs them with `pip install --no-index --no-deps` when `import deepspeed` fails.
+# WHEELS TO CARRY (the GPU image has torch 2.11, transformers 5.17, peft, accelerate, tensorboard, tqdm,
+# pyyaml, pillow, numpy, pytest, einops, msgpack, ninja, psutil, py-cpuinfo; nothing can be downloaded
+# there). On a machine with the package registries, from the repository root, once:
+#   DS_BUILD_OPS=0 pip wheel --no-deps -w wheels deepspeed==0.19.8        # pure Python, no CUDA ops built
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels \
+#       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#       hjson==3.1.0 webdataset==1.0.2 braceexpand==0.1.7
+# (about 25 MB) and keep ./wheels ignored by git but carried (WHEELS=/path to use another folder). The
+# script installs them with `pip install --no-index --no-deps --target` when an import fails.
+# NOT CARRIED, and what that skips: pycocoevalcap (101 MB with its jars, over the carry limit) -> the
+# eval test scores VQA only (caption metrics are tested on CPU in CI); flash-attn (not on the image) ->
+# the flash-attn logits test is skipped (SDPA vs eager still runs).
 # DeepSpeed's FusedAdam would JIT-build and fail on Hopper ("invalid literal for int() ... '0a'");
 # rsmoe hands DeepSpeed a torch AdamW(fused=True), so nothing is built. Should any op be built anyway,
 # TORCH_CUDA_ARCH_LIST=9.0 (set below) avoids that failure.
@@ -36,10 +43,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| cuda', torch.cuda.is_available())"
 
 ZERO="none 2 3 3naive"
-if ! $PY -c "import deepspeed" 2>/dev/null; then
+if ! $PY -c "import deepspeed, webdataset" 2>/dev/null; then
   if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "installing DeepSpeed from $WHEELS (no index, no deps)"
-    $PY -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
+    echo "installing the carried wheels from $WHEELS (no index, no deps) into /tmp/rsmoe-site"
+    $PY -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/rsmoe-site "$WHEELS"/*.whl
+    export PYTHONPATH="/tmp/rsmoe-site:$PYTHONPATH"
   fi
 fi
 if ! $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)"; then
@@ -47,8 +55,12 @@ if ! $PY -c "import deepspeed; print('deepspeed', deepspeed.__version__)"; then
   ZERO="none"
 fi
 
-# Every configuration is its own process (clean peak memory); 180 s cap each.
+# 1. The CUDA tier (GPUs visible to pytest only with RSMOE_TEST_GPU=1). 200 s cap.
+RSMOE_TEST_GPU=1 timeout 200 $PY -m pytest -q -rs -s -m gpu tests/gpu 2>&1 | tee "$OUTDIR/cuda_tier.txt"
+echo "cuda tier exit ${PIPESTATUS[0]}"
+
+# 2. The benchmark. Every configuration is its own process (clean peak memory); 150 s cap each.
 STAGE1="2"; [ "$ZERO" = "none" ] && STAGE1="none"
-timeout 460 $PY bench/train_step.py --shape rsmoe-1b --precision bf16 --zero $ZERO --stage1-zero $STAGE1 \
-  --warmup 3 --steps 8 --timeout 180 --lora-micro --profile 2:none 2:3 --json "$OUTDIR/train_step_rsmoe-1b.json" 2>&1 | tee "$OUTDIR/train_step_rsmoe-1b.txt"
+timeout 320 $PY bench/train_step.py --shape rsmoe-1b --precision bf16 --zero $ZERO --stage1-zero $STAGE1 \
+  --warmup 3 --steps 8 --timeout 150 --lora-micro --profile 2:none 2:3 --json "$OUTDIR/train_step_rsmoe-1b.json" 2>&1 | tee "$OUTDIR/train_step_rsmoe-1b.txt"
 echo "exit ${PIPESTATUS[0]}"

@@ -1,7 +1,8 @@
 """Shared fixtures: the bundled sample shards, tiny-preset configs, a tiny trained run. CPU only,
 offline; everything is written under pytest's temporary directories. Tests under tests/integration/
 (real launchers, several ranks, kills, SLURM fakes) get the `integration` marker, so
-`pytest -m "not integration"` is the fast loop."""
+`pytest -m "not integration"` is the fast loop; tests/gpu/ is the CUDA tier (marked `gpu`, skipped
+without a GPU)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if os.environ.get("RSMOE_TEST_GPU") != "1":
+    # Every test but the CUDA tier (tests/gpu, run with RSMOE_TEST_GPU=1 by bench/gpu_check.sh) runs on
+    # the CPU, also on a machine with GPUs: their assertions are fp32 and gloo.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.utils import load_peft_weights
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, free_port
@@ -138,7 +139,9 @@ def assert_matches(run_dir: Path, ref: dict) -> float:
                    for s, want in enumerate(ref["losses"]))
     worst = 0.0
     for e, want in ref["adapters"].items():
-        got = load_file(run_dir / "final" / "adapters" / e / "adapter_model.safetensors")
+        # peft's saved names (base_model.model.<path>.lora_A.weight) -> ExpertLM.adapter_state's (<path>.lora_A)
+        saved = load_peft_weights(str(run_dir / "final" / "adapters" / e), device="cpu")
+        got = {k.removeprefix("base_model.model.").removesuffix(".weight"): v for k, v in saved.items()}
         assert got.keys() == want.keys()
         for k in want:
             worst = max(worst, rel_err(got[k], want[k]))

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft.utils import load_peft_weights
-from safetensors.torch import load_file
 
 from tests.helpers import REPO, free_port
 from tests.helpers import launch

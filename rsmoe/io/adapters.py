@@ -14,6 +14,7 @@ batches that mix adapters in training mode); `ExpertLM.adapter_tensors(slot)` /
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -64,7 +65,9 @@ class PeftView:
         self.experts = experts
         self.dtype = dtype or next(iter(experts.lora_layers.values())).lora_A.dtype
         with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(experts.base.config)
+            # A copy (from_config writes into the config it is given); never run, so eager attention: no check
+            # for the base's attention kernel (e.g. flash-attn) applies.
+            skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(experts.base.config), attn_implementation="eager")
         for path in experts.lora_layers:
             lin = skeleton.get_submodule(path)
             if not isinstance(lin, nn.Linear):

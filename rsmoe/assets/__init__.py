@@ -161,18 +161,33 @@ def _convert_smollm2(gguf_path: Path, target: Path) -> Path:
     return target
 
 
+# Keys transformers 5.x writes into tokenizer_config.json that 4.x does not know: loader flags, and the
+# name of the generic tokenizers-backed class ("TokenizersBackend"), which 4.x calls PreTrainedTokenizerFast.
+_TF5_ONLY_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only")
+_TF5_GENERIC_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_tokenizer_portable(directory: Path, **overrides) -> None:
+    """Make a tokenizer saved by transformers 5.x load the same under 4.x (both map the class name to the
+    same tokenizers-backed class); `overrides` are written into tokenizer_config.json as well."""
+    import json
+
+    cfg_path = Path(directory) / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in _TF5_ONLY_TOKENIZER_KEYS}
+    if cfg.get("tokenizer_class") in _TF5_GENERIC_CLASSES:
+        cfg["tokenizer_class"] = _TF5_GENERIC_CLASSES[cfg["tokenizer_class"]]
+    cfg.update(overrides)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def _strip_bos_from_saved_tokenizer(directory: Path) -> None:
     """Make the saved tokenizer load the same (no BOS, same class) under transformers 4.x and 5.x."""
     import json
 
-    cfg_path = directory / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        # transformers 5.x writes its own class name ("TokenizersBackend") and loader flags; 4.x only
-        # knows PreTrainedTokenizerFast, which 5.x maps to the same class.
-        cfg = {k: v for k, v in cfg.items() if k not in ("backend", "is_local", "local_files_only")}
-        cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    make_tokenizer_portable(directory, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
     tok_path = directory / "tokenizer.json"
     if tok_path.is_file():
         tok = json.loads(tok_path.read_text())
@@ -290,6 +305,7 @@ __all__ = [
     "asset_status",
     "cache_dir",
     "check_installed",
+    "make_tokenizer_portable",
     "resolve_path",
     "smollm2_cache_path",
 ]

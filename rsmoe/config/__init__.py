@@ -2,6 +2,7 @@
 
 from rsmoe.config.loading import (
     PRESET_DIR,
+    anchor_paths,
     check_expert_parallel,
     dump_config,
     from_dict,
@@ -31,6 +32,6 @@ from rsmoe.errors import ConfigError
 __all__ = [
     "PRESET_DIR", "CheckpointArgs", "ConfigError", "DataArgs", "DistributedArgs", "GenerationArgs", "LLMArgs",
     "LoRAArgs", "ModelArgs", "OptimArgs", "QFormerArgs", "TrainArgs", "TrainLoopArgs", "VisionArgs",
-    "check_expert_parallel", "dump_config", "from_dict", "load_config", "parse_overrides", "read_config",
+    "anchor_paths", "check_expert_parallel", "dump_config", "from_dict", "load_config", "parse_overrides", "read_config",
     "resolve_preset", "to_dict", "validate",
 ]

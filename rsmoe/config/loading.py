@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +28,15 @@ PRESET_DIR = Path(__file__).parent / "presets"
 # Keys older rsmoe versions wrote into config.yaml and this one no longer has: dropped when a run's
 # config is read back, so finished runs stay loadable. (Never accepted from presets or overrides.)
 RETIRED_KEYS = {("model", "qformer", "vocab_size")}
+# Filesystem paths a run records in config.yaml. They are anchored (made absolute) where the user gives
+# them, so everything that reads a run back (Stage II, export --tag, eval, caption, serve) finds the same
+# files from any working directory. Shard keys may hold several patterns joined by ' :: '.
+RUN_PATH_KEYS = (
+    ("run_dir",), ("init_from",), ("data", "train_shards"), ("data", "val_shards"),
+    ("model", "llm", "path"), ("model", "llm", "tokenizer"), ("model", "vision", "path"),
+    ("model", "qformer", "path"), ("model", "qformer", "bert_init"), ("model", "qformer", "tokenizer"),
+)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # asset:NAME, pipe:..., s3://...: not a local path
 
 
 # ---------------------------------------------------------------- merging
@@ -154,7 +165,41 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
         _apply(args, _dotted_to_nested(dict(stage_cfg)))
         _apply(args, _dotted_to_nested(dotted))
     validate(args)
+    anchor_paths(args, Path.cwd())
     return args
+
+
+def _anchor(spec: str, base: Path, several: bool) -> str:
+    if several:
+        return " :: ".join(_anchor(p.strip(), base, False) for p in spec.split("::") if p.strip())
+    if not spec or _SCHEME.match(spec):
+        return spec
+    p = os.path.expanduser(spec)
+    return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+
+def anchor_paths(args: TrainArgs, base: Path) -> TrainArgs:
+    """Make the run's relative filesystem paths (RUN_PATH_KEYS) absolute against `base`, in place."""
+    for keys in RUN_PATH_KEYS:
+        node = args
+        for k in keys[:-1]:
+            node = getattr(node, k)
+        setattr(node, keys[-1], _anchor(getattr(node, keys[-1]), base, several=keys[-1].endswith("_shards")))
+    return args
+
+
+def _training_cwd(config_file: Path, run_dir: str) -> Path | None:
+    """Where a run that recorded a relative `run_dir` was started: the config's run directory (its own
+    directory, or the parent of final/) minus `run_dir`. None when that does not fit (e.g. an export)."""
+    rel = Path(os.path.normpath(run_dir)) if run_dir else None
+    if rel is None or rel.is_absolute() or ".." in rel.parts:
+        return None
+    here = config_file.resolve().parent
+    for cand in (here, here.parent):
+        n = len(rel.parts)
+        if len(cand.parts) > n and Path(*cand.parts[-n:]) == rel:
+            return Path(*cand.parts[:-n])
+    return None
 
 
 def validate(args: TrainArgs) -> None:
@@ -231,6 +276,10 @@ def read_config(path: str | Path) -> TrainArgs:
         if isinstance(node, dict) and node.pop(keys[-1], None) is not None:
             log.debug("%s: dropped retired key %s", path, ".".join(keys))
     try:
-        return from_dict(raw)
+        args = from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}; was it written by another rsmoe version?") from None
+    # Runs written before paths were anchored recorded them relative to where training started: anchor
+    # them there, so an old run reads the same from any directory (left as they are when unknown).
+    base = _training_cwd(Path(path), args.run_dir)
+    return anchor_paths(args, base) if base is not None else args

@@ -8,6 +8,8 @@ prompt), so the visual prefix is computed once per sample and shared by all expe
 
 from __future__ import annotations
 
+import functools
+
 import random
 from dataclasses import dataclass
 
@@ -41,20 +43,15 @@ class Processor:
 
     def __post_init__(self) -> None:
         self.router = TemplateRouter(self.experts)
-        self._prompt_cache: dict[str, list[int]] = {}
+        # Prompts come from a few templates per expert: tokenize each once, not once per row. Bounded
+        # (least recently used out), because question prompts are open-ended. Per instance: one tokenizer each.
+        self._prompt_ids = functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._tokenize_prompt)
         if self.llm_tokenizer.eos_token_id is None:
             raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
 
     # ------------------------------------------------------------ text -> ids
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        # Prompts come from a few templates per expert: tokenize each once, not once per row.
-        ids = self._prompt_cache.get(prompt)
-        if ids is None:
-            if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:  # question prompts are open-ended
-                self._prompt_cache.clear()
-            ids = self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"][: self.max_prompt_len]
-            self._prompt_cache[prompt] = ids
-        return ids
+    def _tokenize_prompt(self, prompt: str) -> list[int]:
+        return self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"][: self.max_prompt_len]
 
     def _encode_rows(self, rows: list[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
         """(prompt, target or None) -> (prompt ids, target ids + eos); targets in one batched tokenizer call."""

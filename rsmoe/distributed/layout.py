@@ -1,9 +1,10 @@
 """The one object that owns every process group.
 
-`ParallelLayout` is the only place that calls `dist.new_group`. Its contract: world = ep * dp;
-EP rank `e = rank % ep` holds a contiguous block of n_experts / ep experts; the ranks that hold
-the same block form its data-parallel group. All groups are created on all ranks, in the same
-order, once.
+`ParallelLayout` is the only place that creates process groups: one torch `DeviceMesh` of shape
+(dp, ep, 1). Its contract: world = ep * dp; EP rank `e = rank % ep` holds a contiguous block of
+n_experts / ep experts; the ranks that hold the same block form its data-parallel group (the mesh's
+"dp" dimension), the ep consecutive ranks that read the same batch its EP group ("ep"), and the
+size-1 last dimension gives every rank its own group ("self"). Created on all ranks, once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from rsmoe.config import check_expert_parallel
+from rsmoe.distributed.env import device_type
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +132,16 @@ class ParallelLayout:
                 f"layout built for rank {self.rank}/{self.world_size} but this process is "
                 f"rank {dist.get_rank()}/{dist.get_world_size()}"
             )
-        self._groups["world"] = dist.group.WORLD
-        for e in range(self.ep):
-            ranks = self.expert_dp_ranks(e)
-            g = dist.new_group(ranks)
-            if self.rank in ranks:
-                self._groups["expert_dp"] = g
-        for d in range(self.dp):
-            ranks = self.ep_group_ranks(d)
-            g = dist.new_group(ranks)
-            if self.rank in ranks:
-                self._groups["ep"] = g
-        for r in range(self.world_size):
-            g = dist.new_group([r])
-            if r == self.rank:
-                self._groups["self"] = g
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Row-major (dp, ep, 1): rank r sits at (r // ep, r % ep, 0), i.e. (dp_rank, ep_rank, 0).
+        mesh = init_device_mesh(device_type(), (self.dp, self.ep, 1), mesh_dim_names=("dp", "ep", "self"))
+        self._groups = {"world": dist.group.WORLD, "expert_dp": mesh.get_group("dp"), "ep": mesh.get_group("ep"),
+                        "self": mesh.get_group("self")}
+        got = {n: dist.get_process_group_ranks(self._groups[n]) for n in ("expert_dp", "ep")}
+        want = {"expert_dp": self.expert_dp_ranks(self.ep_rank), "ep": self.ep_group_ranks(self.dp_rank)}
+        if got != want:  # the layout's contract, checked once against the mesh torch built
+            raise RuntimeError(f"device mesh groups {got} differ from the layout's {want}")
 
     def group(self, name: str):
         """'world', 'expert_dp', 'ep' or 'self' (this rank alone)."""

@@ -73,7 +73,7 @@ def load_trained(path: str | Path, device: str | torch.device = "auto", dtype: s
     m = cfg.model
     stage = cfg.stage
     try:
-        model, llm_tok, q_tok = build_model(m, cfg.seed)
+        model, llm_tok, q_tok = build_model(m, cfg.seed, fresh=False)
     except (FileNotFoundError, OSError) as exc:
         raise UserError(f"cannot build the model of {d}: {exc}") from exc
     try:

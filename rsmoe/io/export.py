@@ -13,7 +13,7 @@ The export directory (docs/export.md):
   base/                        the causal LM the adapters apply to (save_pretrained + tokenizer):
                                Stage II = base LLM with the Stage I LoRA merged in; Stage I = the base LLM
   adapters/<expert>/           one peft LoRA adapter per expert (Stage I: adapters/llm)
-  merged/<expert>/             --merge: base with that adapter merged (AutoModelForCausalLM + tokenizer)
+  merged/<expert>/             --merge: peft's merge_and_unload of base + that adapter (AutoModelForCausalLM + tokenizer)
 
 Nothing here needs a launcher or DeepSpeed's runtime: checkpoint tags are read with
 deepspeed.utils.zero_to_fp32 (any ZeRO stage, any number of ranks, per-expert engine folders).
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import rsmoe
+from rsmoe.assets import make_tokenizer_portable
 from rsmoe.config import TrainArgs, dump_config, read_config
 from rsmoe.errors import UserError
 from rsmoe.io import adapters, checkpoints, model_dir
@@ -111,9 +112,24 @@ def _fp32_state(ds_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+def _same_buffer(saved: torch.Tensor, own: torch.Tensor) -> bool:
+    """A checkpoint's copy of a frozen buffer equals the model's own, up to the 16-bit cast of training:
+    zero_to_fp32 returns every tensor as fp32, and a bf16/fp16 engine had cast its buffers first."""
+    if saved.shape != own.shape:
+        return False
+    own = own.float()
+    return any(torch.equal(saved, own if dt is None else own.to(dt).float()) for dt in (None, torch.bfloat16, torch.float16))
+
+
 def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
-    """Copy the trainable states of every engine folder of `tag_dir` into `model` (which holds all experts)."""
+    """Copy the trainable states of every engine folder of `tag_dir` into `model` (which holds all experts).
+
+    DeepSpeed also saves every persistent buffer (e.g. EfficientNet's BatchNorm statistics). rsmoe never
+    trains a buffer (frozen modules stay in eval mode), so the checkpoint's copy must equal the buffer
+    of the model built from config.yaml: it is checked and skipped; a difference means the frozen
+    source (e.g. model.vision.path) is not the one training used, and the export stops."""
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     covered: set[str] = set()
     engines = []
     for ds_dir in _engine_dirs(tag_dir):
@@ -121,9 +137,19 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"prefix": "", "expert_ids": None}
         state = _fp32_state(ds_dir)
         prefix, eids = meta["prefix"], meta["expert_ids"]
+        n_buffers = 0
         with torch.no_grad():
             for key, value in state.items():
                 name = prefix + key
+                if name in buffers and name not in params:
+                    if not _same_buffer(value, buffers[name]):
+                        raise ExportError(
+                            f"{ds_dir}: buffer {key} differs from the one the model built from config.yaml has "
+                            f"(max |diff| {(value - buffers[name].float()).abs().max().item():.3g}): the frozen weights "
+                            "it comes from are not the ones training used; restore them (see config.yaml's model paths)"
+                        )
+                    n_buffers += 1
+                    continue
                 if name not in params:
                     raise ExportError(f"{ds_dir}: tensor {key} has no place in the model built from config.yaml")
                 target = params[name]
@@ -142,7 +168,8 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
                     covered.update(f"{name}[{e}]" for e in model.experts.expert_ids)
                 else:
                     covered.add(name)
-        engines.append({"dir": str(ds_dir.relative_to(tag_dir)) or ".", "tensors": len(state), **meta})
+        engines.append({"dir": str(ds_dir.relative_to(tag_dir)) or ".", "tensors": len(state) - n_buffers,
+                        "frozen_buffers_checked": n_buffers, **meta})
     wanted = set()
     for name, p in params.items():
         if not p.requires_grad:
@@ -163,14 +190,22 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
 def build_full_model(src: Source):
     """The run's model with every expert's adapter in its own slot. Returns (model, llm_tok, qformer_tok)."""
     args = src.args
-    model, llm_tok, q_tok = build_model(args.model, args.seed)
+    model, llm_tok, q_tok = build_model(args.model, args.seed, fresh=False)
     if src.final_dir is not None:
         model_dir.load_finished_stage(src.final_dir, model, args)
         return model, llm_tok, q_tok
     # A checkpoint tag: frozen parts from their sources (random ones are rebuilt from the seed, exactly as
     # training built them), Stage II's starting point from its Stage I directory, trainable states from ZeRO.
     if args.stage == 2:
-        model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)
+        try:
+            stage1 = model_dir.stage1_dir(args.init_from)
+        except model_dir.ModelDirError:
+            raise ExportError(
+                f"{src.run_dir}/config.yaml: this Stage II run started from init_from={args.init_from!r}, which is not a "
+                "finished Stage I run any more; a checkpoint tag holds only the Stage II adapters, so the Stage I run "
+                "directory must be there (restore or copy it back, or export from the Stage II run's final/ instead)"
+            ) from None
+        model_dir.load_stage1_parts(stage1, model)
         model.to_stage2(list(range(len(args.model.experts))), args.seed, args.model.experts,
                         train_qformer=args.model.train_qformer_stage2)
     src.info.update(overlay_checkpoint(model, checkpoints.checkpoint_dir(src.run_dir) / src.tag))
@@ -208,19 +243,20 @@ def write_visual(model, q_tok, out: Path) -> dict[str, Any]:
                           "keys": "the encoder's own state dict (EfficientNet(...).load_state_dict)"}
     save_safetensors(state, out / "model.safetensors")
     q_tok.save_pretrained(out / "qformer_tokenizer")
+    make_tokenizer_portable(out / "qformer_tokenizer")
     info.update({"file": "visual/model.safetensors", "tensors": len(state),
                  "num_query_tokens": int(visual.qformer.query_tokens.shape[1]),
                  "qformer_hidden": int(visual.qformer.hidden_size), "llm_hidden": int(visual.proj.out_features)})
     return info
 
 
-def clean_lm(experts, merge_slot: int | None = None) -> nn.Module:
-    """A plain HF causal LM with the shared base's weights (+ the adapter in `merge_slot` merged in)."""
+def clean_lm(experts) -> nn.Module:
+    """A plain HF causal LM with the shared base's weights (the adapters' base)."""
     from transformers import AutoModelForCausalLM
 
     base = experts.base
     lm = AutoModelForCausalLM.from_config(base.config)
-    state = experts.base_state_dict(merge_slot)
+    state = experts.base_state_dict()
     missing, unexpected = lm.load_state_dict(state, strict=False)
     # Tied LM heads appear once in the state dict; anything else missing means the layout changed.
     missing = [k for k in missing if not (k == "lm_head.weight" and getattr(base.config, "tie_word_embeddings", False))]
@@ -260,17 +296,19 @@ def export_run(
         visual_info = write_visual(model, q_tok, tmp / "visual")
         base = clean_lm(model.experts)
         base.save_pretrained(tmp / "base")
-        llm_tok.save_pretrained(tmp / "base")
+        _save_tokenizer(llm_tok, tmp / "base")
         del base
+        slots = {name: model.experts.slot_of(names.index(name)) if args.stage == 2 else 0 for name in chosen}
+        adapters.write_adapters(model.experts, {slots[n]: tmp / "adapters" / n for n in chosen},
+                                base_name_or_path=str(out / "base"))
         expert_rows = []
         for name in chosen:
-            slot = model.experts.slot_of(names.index(name)) if args.stage == 2 else 0
-            adapters.save_expert_adapter(model.experts, slot, tmp / "adapters" / name, base_name_or_path=str(out / "base"))
             row = {"name": name, "expert_id": names.index(name), "adapter": f"adapters/{name}", "merged": None}
             if merge:
-                lm = clean_lm(model.experts, merge_slot=slot)
+                # peft's merge_and_unload of the files just written: what a user of the export would get.
+                lm = adapters.merged_model(tmp / "base", tmp / "adapters" / name)
                 lm.save_pretrained(tmp / "merged" / name)
-                llm_tok.save_pretrained(tmp / "merged" / name)
+                _save_tokenizer(llm_tok, tmp / "merged" / name)
                 row["merged"] = f"merged/{name}"
                 del lm
             expert_rows.append(row)
@@ -283,6 +321,11 @@ def export_run(
     os.replace(tmp, out)
     log.info("exported %s (%s) to %s in %.1f s", src.run_dir, src.tag or "final", out, time.time() - t0)
     return out
+
+
+def _save_tokenizer(tok, out: Path) -> None:
+    tok.save_pretrained(out)
+    make_tokenizer_portable(out)  # loads under transformers 4.x as well
 
 
 def _manifest(src: Source, args: TrainArgs, visual: dict, experts: list[dict], model) -> dict[str, Any]:

@@ -160,8 +160,7 @@ def load_finished_stage(model_dir: str | Path, model, args: TrainArgs) -> None:
         load_stage1_parts(d, model)
         ids = list(range(len(experts)))
         model.to_stage2(ids, args.seed, experts, train_qformer=args.model.train_qformer_stage2)
-        for slot, eid in enumerate(ids):
-            adapters.load_expert_adapter(model.experts, slot, d / ADAPTERS / experts[eid])
+        adapters.load_adapters(model.experts, {slot: d / ADAPTERS / experts[eid] for slot, eid in enumerate(ids)})
     else:
         load_stage1_parts(d, model)
         model.expert_names = [STAGE1_EXPERT]

@@ -142,10 +142,13 @@ def _build_base_llm(m: ModelArgs, vocab_size: int, pad_id: int) -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
-def build_model(m: ModelArgs, seed: int, tokenizers=None) -> tuple[RSMoE, object, object]:
+def build_model(m: ModelArgs, seed: int, tokenizers=None, *, fresh: bool = True) -> tuple[RSMoE, object, object]:
     """Stage I structure (one adapter). Returns (model, llm_tokenizer, qformer_tokenizer).
 
     Random parts are drawn from `seed`, so the same config and seed build the same weights.
+    `fresh=False`: the model is built to load a trained stage into it (Stage II, eval, caption, export),
+    so notes about how its trainable parts start (a re-initialised projection) are not repeated: they
+    were logged once, when Stage I built it to train.
     """
     llm_tok, q_tok = tokenizers or build_tokenizers(m)
     torch.manual_seed(seed)
@@ -171,6 +174,7 @@ def build_model(m: ModelArgs, seed: int, tokenizers=None) -> tuple[RSMoE, object
             qformer_hidden_size=qformer.hidden_size,
             llm_hidden_size=experts.hidden_size,
             reinit_on_mismatch=True,
+            log_level=logging.WARNING if fresh else logging.DEBUG,
         )
         if proj is not None:
             visual.proj.load_state_dict(proj)

@@ -86,36 +86,39 @@ class ExpertLM(nn.Module):
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.lora_layers.values() for p in (layer.lora_A, layer.lora_B)]
 
-    def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """One expert's adapter in peft's key layout (base_model.model.<path>.lora_A.weight)."""
-        out = {}
-        for path, layer in self.lora_layers.items():
-            out[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[slot].detach().clone()
-            out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[slot].detach().clone()
-        return out
+    def adapter_tensors(self, slot: int, state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module path: (A (r, in), B (out, r))} of adapter `slot`, from the live parameters or from
+        `state` (this module's own state dict, e.g. gathered under ZeRO-3). The file format is
+        rsmoe.io.adapters' business (peft's); this is only the slot layout."""
+        if state is None:
+            return {p: (l.lora_A[slot].detach(), l.lora_B[slot].detach()) for p, l in self.lora_layers.items()}
+        return {p: (state[f"base.{p}.lora_A"][slot], state[f"base.{p}.lora_B"][slot]) for p in self.lora_layers}
 
     @torch.no_grad()
-    def load_adapter_state(self, slot: int, state: dict[str, torch.Tensor], where: str = "adapter") -> None:
-        """Copy one expert's adapter (peft key layout, as `adapter_state` gives it) into `slot`."""
+    def load_adapter_tensors(self, slot: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], where: str = "adapter") -> None:
+        """Copy one adapter ({module path: (A, B)}, as `adapter_tensors` gives it) into `slot`."""
+        missing = [p for p in self.lora_layers if p not in tensors]
+        if missing:
+            raise KeyError(f"{where}: adapter has no LoRA weights for {missing[:3]}; it was trained for another base")
         for path, layer in self.lora_layers.items():
-            for ab in ("A", "B"):
-                key = f"base_model.model.{path}.lora_{ab}.weight"
-                if key not in state:
-                    raise KeyError(f"{where}: adapter has no tensor {key}; it was trained for another base")
-                getattr(layer, f"lora_{ab}")[slot].copy_(state[key])
+            a, b = tensors[path]
+            if a.shape != layer.lora_A.shape[1:] or b.shape != layer.lora_B.shape[1:]:
+                raise ValueError(f"{where}: {path} has LoRA shapes {tuple(a.shape)}/{tuple(b.shape)}, this model "
+                                 f"{tuple(layer.lora_A.shape[1:])}/{tuple(layer.lora_B.shape[1:])}")
+            layer.lora_A[slot].copy_(a)
+            layer.lora_B[slot].copy_(b)
 
-    def base_state_dict(self, merge_slot: int | None = None) -> dict[str, torch.Tensor]:
-        """The base LM's weights under its own key names (the LoRA wrappers' `.base.` removed), as fp32
-        copies; with `merge_slot`, that adapter merged in (the same arithmetic as Stage II's merge)."""
-        state = {
+    def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """Adapter `slot` as a flat copy ({path}.lora_A / {path}.lora_B), for comparisons."""
+        return {f"{p}.lora_{ab}": t.clone() for p, pair in self.adapter_tensors(slot).items() for ab, t in zip("AB", pair)}
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base LM's weights under its own key names (the LoRA wrappers' `.base.` removed), as fp32 copies."""
+        return {
             k.replace(".base.weight", ".weight").replace(".base.bias", ".bias"): v.detach().clone().float()
             for k, v in self.base.state_dict().items()
             if ".lora_" not in k
         }
-        if merge_slot is not None:
-            for path, layer in self.lora_layers.items():
-                state[f"{path}.weight"] += layer.delta_weight(merge_slot)
-        return state
 
     # ------------------------------------------------------------ compute
     def embed_rows(self, prefix: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

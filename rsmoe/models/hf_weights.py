@@ -271,11 +271,13 @@ def check_projection_shapes(
     qformer_hidden_size: int,
     llm_hidden_size: int,
     reinit_on_mismatch: bool = False,
+    log_level: int = logging.WARNING,
 ) -> dict[str, torch.Tensor] | None:
     """Return the checkpoint's projection if it maps Q-Former width → LLM width, else decide what to do.
 
     A mismatch (e.g. InstructBLIP-Vicuna's 4096-wide projection in front of Llama-3.2-1B's 2048) raises
-    a ``ValueError`` naming both widths, unless ``reinit_on_mismatch`` is set: then it logs a warning and
+    a ``ValueError`` naming both widths, unless ``reinit_on_mismatch`` is set: then it logs (at ``log_level``:
+    a warning when the model is built to train, debug when a trained projection is loaded over it) and
     returns None, meaning "initialise a fresh projection" (Stage I trains it anyway).
     """
     if projection_state is None:
@@ -290,7 +292,7 @@ def check_projection_shapes(
         f"but this model needs Q-Former width {qformer_hidden_size} to expert LLM width {llm_hidden_size}"
     )
     if reinit_on_mismatch:
-        logger.warning("%s; initialising a new projection instead", message)
+        logger.log(log_level, "%s; initialising a new projection instead", message)
         return None
     raise ValueError(message + "; set the projection to be re-initialised (reinit_on_mismatch=True) to train a new one")
 

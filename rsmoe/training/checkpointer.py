@@ -227,13 +227,8 @@ def write_final(model: RSMoE, args: TrainArgs, out: Path, *, init_dir: Path | No
     collectives.barrier()
     if write_adapters:
         experts = model.experts
-        config = adapters.lora_config(experts)
-        for slot, eid in enumerate(experts.expert_ids):
-            state = {}
-            for path in experts.lora_layers:
-                for ab in ("A", "B"):
-                    state[f"base_model.model.{path}.lora_{ab}.weight"] = lora[f"base.{path}.lora_{ab}"][slot]
-            adapters.write_adapter(model_dir.adapter_dir(out, args.stage, args.model.experts[eid]), state, config)
+        dirs = {slot: model_dir.adapter_dir(out, args.stage, args.model.experts[eid]) for slot, eid in enumerate(experts.expert_ids)}
+        adapters.write_adapters(experts, dirs, state=lora)
     faults.fire("in_export", args.train.steps)
     collectives.barrier()
     if collectives.rank() == 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from peft.utils import load_peft_weights
 
 from tests.helpers import REPO, free_port
 from tests.helpers import launch
@@ -142,7 +142,9 @@ def assert_matches(run_dir: Path, ref: dict) -> float:
                            want[~torch.isnan(want)]) for s, want in enumerate(ref["losses"]))
     worst = 0.0
     for e, want in ref["adapters"].items():
-        got = load_file(run_dir / "final" / "adapters" / e / "adapter_model.safetensors")
+        # peft's saved names (base_model.model.<path>.lora_A.weight) -> ExpertLM.adapter_state's (<path>.lora_A)
+        saved = load_peft_weights(str(run_dir / "final" / "adapters" / e), device="cpu")
+        got = {k.removeprefix("base_model.model.").removesuffix(".weight"): v for k, v in saved.items()}
         assert got.keys() == want.keys()
         for k in want:
             worst = max(worst, rel_err(got[k], want[k]))

@@ -229,3 +229,28 @@ def inference_answer(model, proc, pixels, image_index):
     qs = ["Is there a road?", "How many houses are there?", "Is it a rural area?", "What is the area covered by buildings?"]
     return answer(model, proc, pixels, qs, ["presence", "count", "rural_urban", "area"], GenerationArgs(max_new_tokens=6),
                   image_index=image_index)
+
+
+def test_projection_reinit_warning_only_when_building_to_train(tmp_path, caplog):
+    """An InstructBLIP projection of the wrong width is re-initialised: said once, when Stage I builds the
+    model to train it; builds that load a trained stage over it (fresh=False: eval, caption, export) stay quiet."""
+    import logging
+
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
+
+    text = LlamaConfig(vocab_size=1500, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+    cfg = InstructBlipConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, image_size=32, patch_size=8),
+                             qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=4, vocab_size=1500, encoder_hidden_size=32),
+                             text_config=text.to_dict(), num_query_tokens=8)
+    InstructBlipForConditionalGeneration(cfg).save_pretrained(tmp_path / "iblip")
+    m = load_config("tiny", [f"model.vision.path={tmp_path / 'iblip'}", f"model.qformer.path={tmp_path / 'iblip'}"]).model
+    for fresh, expected in ((True, 1), (False, 0)):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="rsmoe.models.hf_weights"):
+            build_model(m, seed=0, fresh=fresh)
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "initialising a new projection" in r.getMessage()]
+        assert len(warned) == expected, (fresh, [r.getMessage() for r in caplog.records])
+    assert any("initialising a new projection" in r.getMessage() for r in caplog.records)  # still there, at debug

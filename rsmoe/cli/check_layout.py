@@ -106,7 +106,7 @@ def compare(layout_run: Path, reference: Path, experts: list[str]) -> list[str]:
         if not adapters.has_adapter(d):
             problems.append(f"final/adapters/{e} is missing")
             continue
-        a, b = adapters.read_adapter(d), adapters.read_adapter(reference / "final" / "adapters" / e)
+        a, b = adapters.adapter_weights(d), adapters.adapter_weights(reference / "final" / "adapters" / e)
         worst = max([worst] + [_rel(a[k], b[k]) for k in b])
     print(f"  final adapters: max relative difference {worst:.1e}")
     if worst > RTOL:

@@ -192,6 +192,14 @@ def read_adapter(experts, adapter_dir: str | Path) -> dict[str, tuple[torch.Tens
     return {p: (a.clone(), b.clone()) for p, (a, b) in view.get("read").items()}
 
 
+def adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """An adapter directory's tensors under peft's own names, without a model (peft's load_peft_weights):
+    for comparing two directories of the same architecture."""
+    from peft.utils import load_peft_weights
+
+    return load_peft_weights(str(adapter_dir), device="cpu")
+
+
 def has_adapter(adapter_dir: str | Path) -> bool:
     return (Path(adapter_dir) / WEIGHTS).is_file()
 
@@ -208,5 +216,5 @@ def merged_model(base_dir: str | Path, adapter_dir: str | Path) -> nn.Module:
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
-__all__ = ["AdapterError", "CONFIG", "PeftView", "WEIGHTS", "has_adapter", "load_adapters", "load_expert_adapter",
+__all__ = ["AdapterError", "CONFIG", "PeftView", "WEIGHTS", "adapter_weights", "has_adapter", "load_adapters", "load_expert_adapter",
            "lora_config", "merged_model", "read_adapter", "save_expert_adapter", "write_adapters"]

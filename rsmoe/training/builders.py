@@ -24,7 +24,7 @@ def build_processor(args: TrainArgs, llm_tok, q_tok) -> Processor:
 def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:
     """(model, processor, this rank's global expert ids). Stage II starts from Stage I's directory:
     its LoRA merged into the base and one fresh adapter per expert this rank holds."""
-    model, llm_tok, q_tok = build_model(args.model, args.seed)
+    model, llm_tok, q_tok = build_model(args.model, args.seed, fresh=args.stage == 1)
     local_ids = layout.local_expert_ids(args.stage)
     if args.stage == 2:
         model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)

@@ -7,15 +7,17 @@ import json
 import torch
 
 from rsmoe.cli.check_layout import compare
-from rsmoe.io.adapters import write_adapter
+from rsmoe.io.fs import save_safetensors
 
 
 def fake_run(root, losses: list[dict], adapter_scale: float, experts=("theme", "objects")):
     root.mkdir()
     (root / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(losses)))
-    for e in experts:
-        state = {"base_model.model.x.lora_A.weight": torch.ones(2, 3) * adapter_scale}
-        write_adapter(root / "final" / "adapters" / e, state, {"peft_type": "LORA"})
+    for e in experts:  # what peft reads back (load_peft_weights): the safetensors file of the directory
+        d = root / "final" / "adapters" / e
+        d.mkdir(parents=True)
+        save_safetensors({"base_model.model.x.lora_A.weight": torch.ones(2, 3) * adapter_scale}, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     return root
 
 

@@ -57,9 +57,12 @@ def run_check(python: str, export_dir: Path, ref: tuple[Path, Path], timeout: in
 
 
 def tf4_python() -> str | None:
-    """The 4.x venv's python (.ci/run makes .venv-tf4 and sets RSMOE_TF4_PYTHON), or None."""
-    p = os.environ.get(TF4_ENV)
-    return p if p and os.access(p, os.X_OK) else None
+    """The 4.x venv's python: $RSMOE_TF4_PYTHON, else the checkout's .venv-tf4 (`bash setup.sh --tests`
+    makes it), else None (the 4.x load tests skip)."""
+    for p in (os.environ.get(TF4_ENV), os.path.join(REPO, ".venv-tf4", "bin", "python")):
+        if p and os.access(p, os.X_OK):
+            return p
+    return None
 
 
 def assert_loads(result: dict, *, logit_tol: float = 2e-5, prefix_tol: float = 1e-5) -> None:

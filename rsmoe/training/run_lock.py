@@ -10,8 +10,9 @@ while the job runs; the job removes it when `train` returns or fails. A second j
 - holder is this job's own predecessor (same SLURM job id, an earlier restart: a requeue that starts
   before the preempted attempt has exited) -> wait up to `checkpoint.lock_wait_s` for it to release.
 
-Taking over renames the stale file away first (an atomic rename that only one contender wins), then
-creates a new one, so two jobs that find the same stale lock cannot both start. What this needs from a
+Taking over is serialised by an exclusive `LOCK.break` file, and the contender holding it removes the
+stale lock only if it is still the file it judged; then exactly one exclusive create succeeds, so two
+jobs that find the same stale lock cannot both start. What this needs from a
 shared filesystem is in docs/cluster.md ("One job per run directory").
 """
 
@@ -89,20 +90,20 @@ class RunLock:
         self._beat: threading.Thread | None = None
 
     # ------------------------------------------------------------ reading a holder
-    def _read(self) -> tuple[Holder | None, float | None]:
-        """(holder, age of its last heartbeat in s); (None, age) for a file with no complete record yet;
-        (None, None) when there is no file."""
+    def _read(self) -> tuple[Holder | None, float | None, tuple | None]:
+        """(holder, age of its last heartbeat in s, the file's identity); holder None for a file with no
+        complete record yet; (None, None, None) when there is no file. The identity (inode, size, record)
+        tells a contender whether the file it judged stale is still the one there."""
         try:
-            age = time.time() - self.path.stat().st_mtime
-            raw = json.loads(self.path.read_text())
-            return Holder(**raw), age
+            st = self.path.stat()
+            text = self.path.read_text()
         except FileNotFoundError:
-            return None, None
-        except (OSError, ValueError, TypeError):
-            try:
-                return None, time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return None, None
+            return None, None, None
+        age, ident = time.time() - st.st_mtime, (st.st_ino, st.st_size, text)
+        try:
+            return Holder(**json.loads(text)), age, ident
+        except (ValueError, TypeError):
+            return None, age, ident
 
     def _stale(self, holder: Holder | None, age: float) -> str | None:
         """Why the lock is stale, or None while its holder may be alive."""
@@ -131,15 +132,29 @@ class RunLock:
             os.fsync(f.fileno())
         return True
 
-    def _take_over(self, reason: str, holder: Holder | None) -> None:
-        aside = self.path.with_name(f"{LOCK}.stale-{self.me.token}")
+    def _take_over(self, reason: str, holder: Holder | None, ident: tuple) -> None:
+        """Remove the stale lock `ident`, unless it changed meanwhile. Contenders serialise on an
+        exclusive `LOCK.break` file, and the winner checks the lock is still the one it judged, so two
+        jobs that found the same stale lock cannot both remove a fresh one."""
+        breaker = self.path.with_name(f"{LOCK}.break")
         try:
-            os.rename(self.path, aside)  # atomic: of two jobs that found the same stale lock, one wins
-        except FileNotFoundError:
-            return  # someone else moved it first; the next round of acquire() decides
-        log.warning("%s: taking over a stale lock (%s) of %s", self.path.parent, reason,
-                    holder.describe() if holder else "an unknown job")
-        aside.unlink(missing_ok=True)
+            os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a breaker left by a contender that died in these few lines goes stale fast
+                if time.time() - breaker.stat().st_mtime > UNWRITTEN_GRACE_S:
+                    breaker.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(POLL_S)
+            return
+        try:
+            if self._read()[2] != ident:
+                return  # released, or taken by someone else since we looked: decide again
+            self.path.unlink(missing_ok=True)
+            log.warning("%s: taking over a stale lock (%s) of %s", self.path.parent, reason,
+                        holder.describe() if holder else "an unknown job")
+        finally:
+            breaker.unlink(missing_ok=True)
 
     def acquire(self) -> None:
         """Take the lock, or raise RunDirLocked. Waits only for this job's own predecessor."""
@@ -148,12 +163,12 @@ class RunLock:
             if self._create():
                 self._start_heartbeat()
                 return
-            holder, age = self._read()
+            holder, age, ident = self._read()
             if age is None:
                 continue  # released between our create and read
             reason = self._stale(holder, age)
             if reason:
-                self._take_over(reason, holder)
+                self._take_over(reason, holder, ident)
                 continue
             if holder is None:  # being written right now
                 time.sleep(POLL_S)
@@ -171,7 +186,7 @@ class RunLock:
     def check(self) -> None:
         """Read-only and at once (preflight, on every rank): raise RunDirLocked if a live job other than
         this job's predecessor holds the directory. `acquire` decides for good after the process group."""
-        holder, age = self._read()
+        holder, age, _ = self._read()
         if holder is None or age is None or self._stale(holder, age) or self._predecessor(holder):
             return
         raise RunDirLocked(self._refusal(holder, waited=False))
@@ -198,7 +213,7 @@ class RunLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
-        holder, _ = self._read()
+        holder, _, _ = self._read()
         if holder is not None and holder.token == self.me.token:
             self.path.unlink(missing_ok=True)
 

@@ -246,7 +246,8 @@ def test_projection_reinit_warning_only_when_building_to_train(tmp_path, caplog)
                                                  num_attention_heads=4, vocab_size=1500, encoder_hidden_size=32),
                              text_config=text.to_dict(), num_query_tokens=8)
     InstructBlipForConditionalGeneration(cfg).save_pretrained(tmp_path / "iblip")
-    m = load_config("tiny", [f"model.vision.path={tmp_path / 'iblip'}", f"model.qformer.path={tmp_path / 'iblip'}"]).model
+    m = load_config("tiny", [f"model.vision.path={tmp_path / 'iblip'}", f"model.qformer.path={tmp_path / 'iblip'}",
+                             "model.vision.image_size=32"]).model
     for fresh, expected in ((True, 1), (False, 0)):
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="rsmoe.models.hf_weights"):

@@ -29,7 +29,7 @@ from rsmoe.data.shards import read_manifest
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: UCM-Captions records carry their scene class ('label')
 VAL_FRACTION = 0.2
 DEFAULT_OUT = "data/shards/sample"
 _RSVQA = {

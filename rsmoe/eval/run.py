@@ -76,6 +76,10 @@ class EvalOptions:
     java: bool | None = None
     """None = detect (tests pass False to simulate a machine without Java)."""
     progress: bool = True
+    grounding_control: bool = True
+    """Also evaluate with every image swapped for another image of its dataset (rsmoe.eval.grounding)."""
+    reuse_control_captions: bool = True
+    """Copy a control caption from the real arm when the instructions match (exact; False = generate it, for tests)."""
 
 
 # ---------------------------------------------------------------- world
@@ -97,15 +101,27 @@ def _world() -> tuple[int, int, int]:
 # ---------------------------------------------------------------- the sample index
 
 
-def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]:
-    """(global index, key, dataset) of every valid record, in the loader's eval order.
+@dataclass(frozen=True)
+class IndexEntry:
+    index: int
+    """Global sample index (every sample group of every shard, valid or not, in shard order)."""
+    key: str
+    dataset: str
+    label: str | None
+    """The record's scene class, if it has one (UCM-Captions)."""
+    instruction: str | None
+    n_questions: int
+
+
+def scan_index(urls: Sequence[str], limit: int = 0) -> list[IndexEntry]:
+    """Every valid record, in the loader's eval order, with what the evaluator needs before generating.
 
     The global index counts every sample group of every shard, valid or not (as the loader's eval
     mode does), so `index % world_size` is the rank that evaluates it. Images are not decoded.
     """
     from rsmoe.data.loader import iter_tar_groups, parse_group
 
-    out: list[tuple[int, str, str]] = []
+    out: list[IndexEntry] = []
     index = 0
     counts: Counter[str] = Counter()
     for url in urls:
@@ -114,9 +130,15 @@ def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]
                 return out
             s = parse_group(url, key, group, counts)
             if s is not None:
-                out.append((index, key, s["record"]["dataset"]))
+                rec = s["record"]
+                out.append(IndexEntry(index, key, rec["dataset"], rec.get("label"), rec.get("instruction"), len(rec["qa"])))
             index += 1
     return out
+
+
+def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]:
+    """(global index, key, dataset) of every valid record, in the loader's eval order (see scan_index)."""
+    return [(e.index, e.key, e.dataset) for e in scan_index(urls, limit)]
 
 
 # ---------------------------------------------------------------- setting (zero-shot / fine-tuned)
@@ -172,15 +194,18 @@ def _thumbnail(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return buf.getvalue()
 
 
-def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vqa_gen) -> list[dict[str, Any]]:
-    """One report item per sample of `batch`: expert sub-captions, composed caption, VQA rows."""
+def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vqa_gen, control=None) -> list[dict[str, Any]]:
+    """One report item per sample of `batch`: expert sub-captions, composed caption, VQA rows, and
+    with a `control` plan (rsmoe.eval.grounding.ControlPlan) the same with each image swapped."""
+    from rsmoe.eval.grounding import answer_rows, control_arm
+
     n = len(batch["key"])
     items: list[dict[str, Any]] = [
         {"key": batch["key"][i], "dataset": batch["dataset"][i], "references": list(batch["references"][i])} for i in range(n)
     ]
     pixels = batch["pixel_values"]
+    instr = [opts.instruction or x for x in batch["instruction"]]
     if opts.task in ("caption", "both"):
-        instr = [opts.instruction or x for x in batch["instruction"]]
         caps = inference.caption(trained.model, trained.processor, pixels, instr, cap_gen, sequential=opts.sequential)
         for item, c in zip(items, caps):
             item["experts"], item["caption"], item["truncated"] = dict(c["experts"]), c["caption"], c["truncated"]
@@ -190,16 +215,12 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
             qas = batch["qa"][i][: opts.questions_per_image] if opts.questions_per_image else batch["qa"][i]
             rows += [(i, q) for q in qas]
             items[i]["qa"] = []
-        for start in range(0, len(rows), opts.vqa_batch_size):
-            chunk = rows[start : start + opts.vqa_batch_size]
-            images, image_index = inference.images_once([i for i, _ in chunk])  # many questions, one encoding
-            answers = inference.answer(
-                trained.model, trained.processor, pixels[images],
-                [q["question"] for _, q in chunk], [q.get("type") for _, q in chunk], vqa_gen, image_index=image_index,
-            )
-            for (i, q), a in zip(chunk, answers):
-                items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
-                                       "prediction": a["answer"], "expert": a["expert"]})
+        for (i, q), a in zip(rows, answer_rows(trained, pixels, rows, opts.vqa_batch_size, vqa_gen)):
+            items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
+                                   "prediction": a["answer"], "expert": a["expert"]})
+    if control is not None:
+        control_arm(trained, items, instr, control, cap_gen=cap_gen, vqa_gen=vqa_gen, vqa_batch_size=opts.vqa_batch_size,
+                    sequential=opts.sequential, device=pixels.device)
     if opts.thumbnails:
         v = trained.cfg.model.vision
         for i, item in enumerate(items):
@@ -212,10 +233,12 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
 
 def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """Report sections (see rsmoe.eval.report) for every dataset, plus 'all' when there are several."""
-    from rsmoe.eval.bootstrap import caption_intervals, rsvqa_average_ci, vqa_intervals
+    from rsmoe.eval import grounding
+    from rsmoe.eval.bootstrap import bootstrap_mean_ci, caption_intervals, rsvqa_average_ci, vqa_intervals
     from rsmoe.eval.caption_metrics import java_status, score_captions
+    from rsmoe.eval.class_mention import class_mention, table_for
     from rsmoe.eval.report import caption_section, vqa_section
-    from rsmoe.eval.vqa_metrics import normalize_answer, rsvqa_protocol, vqa_accuracy
+    from rsmoe.eval.vqa_metrics import RSVQA_PROTOCOLS, rsvqa_protocol, vqa_accuracy
 
     sections: dict[str, Any] = {}
     warnings: list[str] = []
@@ -238,16 +261,35 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
 
             meteor = Meteor()  # one JVM for every section
         try:
+            def score(cands: dict[str, str], refs: dict[str, list[str]]):
+                return score_captions(cands, refs, use_meteor=opts.meteor, java=opts.java if java_ok else False, meteor=meteor)
+
             for name, group in groups:
                 cands = {it["key"]: it["caption"] for it in group}
-                refs = {it["key"]: it["references"] for it in group}
-                scores = score_captions(cands, refs, use_meteor=opts.meteor, java=opts.java if java_ok else False, meteor=meteor)
+                scores = score(cands, {it["key"]: it["references"] for it in group})
                 intervals = {}
                 if opts.bootstrap:
                     intervals = caption_intervals(scores, n_resamples=opts.bootstrap,
                                                   n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
                 sec = caption_section(scores, intervals, setting=label(name))
                 sec["dataset"] = name
+                table = table_for([it.get("label") for it in group])
+                if table is not None:  # a class dataset (UCM-Captions): does the caption name the image's class?
+                    cm = class_mention(cands, {it["key"]: it["label"] for it in group}, table[1])
+                    sec["metrics"]["class_mention_accuracy"] = cm["accuracy"]
+                    sec["class_mention"] = {"classes": table[0], "n": cm["n"], "no_class_word": cm["no_class_word"],
+                                            "mentioned": cm["mentioned"]}
+                    sec["notes"].append("class_mention_accuracy: the first class word or synonym the caption names is the "
+                                        "image's class (docs/evaluation.md); naming none counts as wrong")
+                    if opts.bootstrap:
+                        lo, hi = bootstrap_mean_ci([float(cm["correct"][k]) for k in scores.ids], n_resamples=opts.bootstrap, seed=opts.seed)
+                        intervals["class_mention_accuracy"] = {"low": lo, "high": hi, "method": "mean of per-image correctness (exact)",
+                                                               "n_resamples": opts.bootstrap}
+                        sec["intervals"] = dict(intervals)
+                if opts.grounding_control:
+                    sec["grounding"] = grounding.caption_grounding(
+                        f"caption/{name}", group, scores, score, class_table=table[1] if table else None,
+                        n_resamples=opts.bootstrap, n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
                 sections[f"caption/{name}"] = sec
         finally:
             if meteor is not None:
@@ -258,6 +300,13 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
                 proc.wait()
 
     if opts.task in ("vqa", "both"):
+        # Mark each row in the items (both arms), so the report does not recompute it differently.
+        for it in items:
+            control_rows = (it.get("control") or {}).get("qa") or []
+            for qa, cqa in zip(it.get("qa") or [], control_rows):
+                cqa["correct"] = _correct(cqa["prediction"], qa["answer"], qa["type"])
+            for qa in it.get("qa") or []:
+                qa["correct"] = _correct(qa["prediction"], qa["answer"], qa["type"])
         for name, group in groups:
             rows = [(f"{it['key']}#{j}", qa) for it in group for j, qa in enumerate(it.get("qa") or [])]
             if not rows:
@@ -277,22 +326,30 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
                 try:
                     protocol = rsvqa_protocol(preds, answers, types, split)
                     if opts.bootstrap:
-                        lo, hi = rsvqa_average_ci(acc, split, n_resamples=opts.bootstrap, seed=opts.seed)
-                        intervals["rsvqa_average"] = {"low": lo, "high": hi, "method": "per-type resampling", "n_resamples": opts.bootstrap}
+                        for key, weighting in (("rsvqa_average_mean_of_types", "types"), ("rsvqa_average_question_weighted", "questions"),
+                                               ("rsvqa_average", "types")):
+                            lo, hi = rsvqa_average_ci(acc, split, weighting=weighting, n_resamples=opts.bootstrap, seed=opts.seed)
+                            intervals[key] = {"low": lo, "high": hi, "method": "questions resampled within each protocol type",
+                                              "n_resamples": opts.bootstrap}
                     if protocol["missing_types"]:
                         warnings.append(f"vqa/{name}: no {protocol['missing_types']} questions; RSVQA-{split} average over the rest")
                 except ValueError as exc:
                     warnings.append(f"vqa/{name}: RSVQA-{split} protocol not applied ({exc})")
             sec = vqa_section(acc, protocol=protocol, intervals=intervals, setting=label(name))
             sec["dataset"] = name
+            if opts.grounding_control:
+                sec["grounding"] = grounding.vqa_grounding(f"vqa/{name}", group, RSVQA_PROTOCOLS[split] if protocol else None,
+                                                           n_resamples=opts.bootstrap, seed=opts.seed)
             sections[f"vqa/{name}"] = sec
-        # Mark each row in the items, so the report does not recompute it differently.
-        for it in items:
-            for qa in it.get("qa") or []:
-                t = qa["type"] or "unknown"
-                gt = normalize_answer(qa["answer"], t)
-                qa["correct"] = gt != "" and normalize_answer(qa["prediction"], t) == gt
     return sections, warnings
+
+
+def _correct(prediction: str, answer: str, qtype: str) -> bool:
+    from rsmoe.eval.vqa_metrics import normalize_answer
+
+    t = qtype or "unknown"
+    gt = normalize_answer(answer, t)
+    return gt != "" and normalize_answer(prediction, t) == gt
 
 
 # ---------------------------------------------------------------- main flow
@@ -324,13 +381,20 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         urls = sorted(expand_shards([p.strip() for p in opts.shards.split("::") if p.strip()]))
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    index = scan_keys(urls, opts.limit)
+    index = scan_index(urls, opts.limit)
     if not index:
         raise UserError(f"no valid sample in {len(urls)} shard(s) matching '{opts.shards}' (see the warnings above)")
-    dup = [k for k, n in Counter(k for _, k, _ in index).items() if n > 1]
+    dup = [k for k, n in Counter(e.key for e in index).items() if n > 1]
     if dup:
         raise UserError(f"sample key(s) {dup[:3]} occur more than once in '{opts.shards}': keys must be unique to be scored")
-    mine = {k for i, k, _ in index if i % world == rank}
+    mine = {e.key for e in index if e.index % world == rank}
+    control = None
+    if opts.grounding_control:
+        from rsmoe.eval.grounding import needed_images, plan_control, read_images
+
+        control = plan_control(index, mine, task=opts.task, instruction=opts.instruction, seed=opts.seed,
+                               reuse_captions=opts.reuse_control_captions)
+        control.images = read_images(urls, needed_images(control))  # encoded bytes; partners may be another rank's
 
     device = pick_device(opts.device, local_rank)
     trained = load_trained(opts.model, device, opts.dtype)
@@ -350,36 +414,45 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         if keep:
             sub = {k: ([batch[k][i] for i in keep] if isinstance(batch[k], list) else batch[k][keep]) for k in batch}
             sub["pixel_values"] = sub["pixel_values"].to(device)
-            items += generate_items(trained, sub, opts, cap_gen, vqa_gen)
+            items += generate_items(trained, sub, opts, cap_gen, vqa_gen, control)
             seen.update(sub["key"])
             bar.update(len(keep))
         if seen >= mine:
             break  # --limit: the rest of the shards is not ours to evaluate
     bar.close()
     corrupt = loader.stats().get("corrupt_image", 0)
+    control_s = control.seconds if control is not None else 0.0
 
-    gathered: list[tuple[list[dict[str, Any]], int]]
+    gathered: list[tuple[list[dict[str, Any]], int, float]]
     if world > 1:
         gathered = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, (items, corrupt))
+        dist.all_gather_object(gathered, (items, corrupt, control_s))
     else:
-        gathered = [(items, corrupt)]
+        gathered = [(items, corrupt, control_s)]
     if rank != 0:
         return None
 
-    all_items = [it for part, _ in gathered for it in part]
-    corrupt_total = sum(c for _, c in gathered)
+    all_items = [it for part, _, _ in gathered for it in part]
+    corrupt_total = sum(c for _, c, _ in gathered)
     keys = [it["key"] for it in all_items]
     dups = [k for k, n in Counter(keys).items() if n > 1]
     if dups:
         raise RuntimeError(f"samples evaluated more than once across ranks: {dups[:5]}")
-    order = {k: n for n, (_, k, _) in enumerate(index)}
+    order = {e.key: n for n, e in enumerate(index)}
     missing = [k for k in order if k not in set(keys)]
     if len(missing) > corrupt_total:
         raise RuntimeError(f"{len(missing)} sample(s) were not evaluated (only {corrupt_total} had corrupt images): {missing[:5]}")
     if missing:
         log.warning("%d sample(s) skipped for corrupt images: %s", len(missing), missing[:5])
     all_items.sort(key=lambda it: order[it["key"]])
+    labels = {e.key: e.label for e in index if e.label is not None}
+    for it in all_items:
+        if it["key"] in labels:
+            it["label"] = labels[it["key"]]
+    if control is not None:
+        from rsmoe.eval.grounding import fill_reused_captions
+
+        fill_reused_captions(all_items)
     gen_s = time.time() - t0
 
     datasets = sorted({it["dataset"] for it in all_items})
@@ -413,6 +486,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         "device": str(device),
         "skipped_corrupt_images": missing,
         "generation_seconds": round(gen_s, 2),
+        "grounding_control": _control_meta(all_items, opts, gathered),
         "warnings": warnings,
     }
     results = {"meta": meta, **sections}
@@ -422,6 +496,24 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     paths = write_report(out, results, all_items)
     results["_paths"] = {k: str(p) for k, p in paths.items()}
     return results
+
+
+def _control_meta(items: list[dict[str, Any]], opts: EvalOptions, gathered: list) -> dict[str, Any]:
+    if not opts.grounding_control:
+        return {"enabled": False}
+    from rsmoe.eval.grounding import CONTROL
+
+    ctrls = [it["control"] for it in items if it.get("control")]
+    return {
+        "enabled": True,
+        "control": CONTROL,
+        "seed": opts.seed,
+        "captions_generated": sum(c.get("caption_reused") is False for c in ctrls),
+        "captions_reused": sum(bool(c.get("caption_reused")) for c in ctrls),
+        "questions_asked": sum(len(c.get("qa") or []) for c in ctrls),
+        "missing": {it["key"]: it["control"]["missing"] for it in items if (it.get("control") or {}).get("missing")},
+        "generation_seconds": round(max(s for _, _, s in gathered), 2),
+    }
 
 
 # ---------------------------------------------------------------- printing
@@ -434,15 +526,19 @@ def format_tables(results: dict[str, Any]) -> str:
             continue
         n = f"{sec['n_images']} images" if "n_images" in sec else f"{sec.get('n', 0)} questions"
         lines.append(f"{name}  ({sec.get('setting', '')}, {n})")
-        lines.append(f"  {'metric':<16}{'x100':>8}  95% CI")
+        lines.append(f"  {'metric':<32}{'x100':>8}  95% CI")
         for metric, value in sec["metrics"].items():
             iv = sec.get("intervals", {}).get(metric)
             ci = f"[{iv['low'] * 100:6.2f}, {iv['high'] * 100:6.2f}]" if iv else ""
             count = sec.get("n_per_type", {}).get(metric)
             extra = f"  (n={count})" if count is not None else ""
-            lines.append(f"  {metric:<16}{value * 100:>8.2f}  {ci}{extra}")
+            lines.append(f"  {metric:<32}{value * 100:>8.2f}  {ci}{extra}")
         for metric, reason in sec.get("unavailable", {}).items():
-            lines.append(f"  {metric:<16}{'n/a':>8}  {reason}")
+            lines.append(f"  {metric:<32}{'n/a':>8}  {reason}")
+        if sec.get("grounding"):
+            from rsmoe.eval.report import grounding_lines
+
+            lines += ["  " + line for line in grounding_lines(sec["grounding"])]
         lines.append("")
     return "\n".join(lines)
 
@@ -468,7 +564,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", choices=["zero-shot", "fine-tuned"], default=None,
                    help="label for every dataset (default: per dataset, fine-tuned if the run trained on it)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed, also seeds the grounding control's image swap")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the JVM start)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -476,6 +572,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true", help="experts generate in turn (baseline) instead of one batched call")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image decoding")
     p.add_argument("--no-thumbnails", action="store_true", help="leave images out of the report")
+    p.add_argument("--no-grounding-control", action="store_true",
+                   help="skip the image-grounding control (on by default: every sample is evaluated again with another "
+                        "image of its dataset, and real - control is reported with a paired interval; costs one more VQA "
+                        "pass, captions only where a sample's instruction differs from its partner's, and the control's scoring)")
 
 
 def options_from_cli(ns: argparse.Namespace) -> EvalOptions:
@@ -486,6 +586,7 @@ def options_from_cli(ns: argparse.Namespace) -> EvalOptions:
         questions_per_image=ns.questions_per_image, setting=ns.setting, bootstrap=ns.bootstrap, seed=ns.seed,
         meteor=not ns.no_meteor, device=ns.device, dtype=ns.dtype, instruction=ns.instruction,
         sequential=ns.sequential, num_workers=ns.num_workers, thumbnails=not ns.no_thumbnails,
+        grounding_control=not ns.no_grounding_control,
     )
 
 

@@ -47,7 +47,7 @@ def _residential(words: Sequence[str]) -> tuple[str, ...]:
 UCM_SYNONYMS: dict[str, tuple[str, ...]] = {
     "agricultural": ("agricultural", "agriculture", "farmland", "farmlands", "cropland", "croplands", "farm", "farms",
                      "crop", "crops", "cultivated land", "cultivated fields"),
-    "airplane": ("airplane", "airplanes", "plane", "planes", "aircraft", "aircrafts", "jet", "jets", "airliner", "airliners"),
+    "airplane": ("airplane", "airplanes", "aeroplane", "aeroplanes", "plane", "planes", "aircraft", "aircrafts", "jet", "jets", "airliner", "airliners"),
     "baseballdiamond": ("baseball", "baseball diamond", "baseball diamonds", "baseball field", "baseball fields", "diamond"),
     "beach": ("beach", "beaches", "shore", "shoreline", "seashore", "coast", "coastline"),
     "buildings": ("building", "buildings"),

@@ -264,8 +264,8 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 def distinct_share(captions: Sequence[str]) -> dict[str, Any]:
     """Share of distinct captions and of distinct opening sentences (1.0 = all different)."""
     n = len(captions)
-    firsts = [_SENTENCE.split(c.strip(), maxsplit=1)[0].strip().lower() for c in captions]
-    full = [" ".join(c.split()).lower() for c in captions]
+    full = [" ".join(c.split()).lower() for c in captions]  # case and spacing do not make a caption distinct
+    firsts = [_SENTENCE.split(c, maxsplit=1)[0] for c in full]
     return {"n": n, "distinct_captions": len(set(full)), "distinct_opening_sentences": len(set(firsts)),
             "distinct_caption_share": len(set(full)) / n if n else 0.0,
             "distinct_opening_share": len(set(firsts)) / n if n else 0.0}

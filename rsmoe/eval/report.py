@@ -300,12 +300,11 @@ def _render_md(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]], t
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top}
-th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.item{display:flex;gap:1em;border-top:1px solid #ddd;padding:1em 0}
-.item img{flex:none;align-self:flex-start;height:auto;max-width:100%}
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}td:first-child{white-space:nowrap}
+.item{display:flex;gap:1em;border-top:1px solid #ddd;padding:1em 0}.item>div:not(.thumb){flex:1;min-width:0;overflow-x:auto}
 .verdict{font-weight:600}
 .ok{color:#176f2c}.bad{color:#b00020}.muted{color:#777}
-"""
+""" + f".thumb{{flex:none;width:{THUMB_SIZE}px}}.thumb img{{display:block;max-width:100%;height:auto}}\n"
 
 
 def _render_html(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]], thumbs: list[bytes | None]) -> str:
@@ -344,7 +343,10 @@ def _render_html(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
         if thumb:
             size = _display_size(thumb)
             dims = f" width='{size[0]}' height='{size[1]}'" if size else ""
-            out.append(f"<img alt='{e(str(item.get('key', '')))}'{dims} src='data:image/png;base64,{base64.b64encode(thumb).decode()}'>")
+            # A fixed-width column holds the image, so the flex row cannot stretch it; width/height
+            # attributes plus height:auto keep its aspect ratio.
+            out.append(f"<div class='thumb'><img alt='{e(str(item.get('key', '')))}'{dims} "
+                       f"src='data:image/png;base64,{base64.b64encode(thumb).decode()}'></div>")
         out.append(f"<div><h3>{e(str(item.get('key', '')))}</h3>")
         experts = item.get("experts") or {}
         if experts:

@@ -53,6 +53,9 @@ CONTROL = {k: REAL[f"i{(int(k[1]) + 1) % 6}"] for k in REAL}  # each image's cap
 
 def test_paired_caption_intervals_match_a_direct_computation():
     from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from rsmoe.eval.bootstrap import bootstrap_cider_ci
 
     real = score_captions(REAL, REFS, java=False)
     ctrl = score_captions(CONTROL, REFS, java=False)
@@ -60,25 +63,32 @@ def test_paired_caption_intervals_match_a_direct_computation():
     ivs = paired_caption_intervals(real, ctrl, n_resamples=R, n_resamples_cider=R, seed=5)
     # Direct: draw the same resamples, give duplicated images fresh ids, score each arm with pycocoevalcap.
     idx = np.random.default_rng(5).integers(0, len(real.ids), (R, len(real.ids)))
-    deltas, controls = [], []
+    deltas, controls, cider_d = [], [], []
     for row in idx:
         ids = [real.ids[i] for i in row]
         gts = {f"{n}": real.tokenized_references[k] for n, k in enumerate(ids)}
-        b_r, _ = Bleu(4).compute_score(gts, {f"{n}": [real.tokenized_candidates[k]] for n, k in enumerate(ids)}, verbose=0)
-        b_c, _ = Bleu(4).compute_score(gts, {f"{n}": [ctrl.tokenized_candidates[k]] for n, k in enumerate(ids)}, verbose=0)
+        res_r = {f"{n}": [real.tokenized_candidates[k]] for n, k in enumerate(ids)}
+        res_c = {f"{n}": [ctrl.tokenized_candidates[k]] for n, k in enumerate(ids)}
+        b_r, _ = Bleu(4).compute_score(gts, res_r, verbose=0)
+        b_c, _ = Bleu(4).compute_score(gts, res_c, verbose=0)
         deltas.append(b_r[3] - b_c[3])
         controls.append(b_c[3])
+        cider_d.append(Cider().compute_score(gts, res_r)[0] - Cider().compute_score(gts, res_c)[0])
     assert ivs["BLEU-4"]["delta_ci"] == pytest.approx(tuple(np.quantile(deltas, [0.025, 0.975])), abs=1e-9)
     assert ivs["BLEU-4"]["control_ci"] == pytest.approx(tuple(np.quantile(controls, [0.025, 0.975])), abs=1e-9)
     rouge_d = [np.mean([real.per_image["ROUGE-L"][real.ids[i]] - ctrl.per_image["ROUGE-L"][real.ids[i]] for i in row]) for row in idx]
     assert ivs["ROUGE-L"]["delta_ci"] == pytest.approx(tuple(np.quantile(rouge_d, [0.025, 0.975])))
+    assert ivs["CIDEr"]["delta_ci"] == pytest.approx(tuple(np.quantile(cider_d, [0.025, 0.975])), abs=1e-9)
     assert ivs["CIDEr"]["delta_ci"][0] > 0  # the swapped captions are much worse
     # One arm compared with itself: the delta is exactly 0 and its interval is the unpaired one.
     same = paired_caption_intervals(real, real, n_resamples=R, n_resamples_cider=5, seed=5)
     assert all(v["delta_ci"] == (0.0, 0.0) for v in same.values())
     alone = caption_intervals(real, n_resamples=R, n_resamples_cider=5, seed=5)
-    for m in ("BLEU-1", "BLEU-4"):
+    for m in ("BLEU-1", "BLEU-4", "CIDEr"):
         assert same[m]["control_ci"] == pytest.approx((alone[m]["low"], alone[m]["high"]))
+    # The real arm's CIDEr resamples are computed once and shared; the interval is the public function's.
+    assert (alone["CIDEr"]["low"], alone["CIDEr"]["high"]) == bootstrap_cider_ci(
+        real.tokenized_candidates, real.tokenized_references, real.ids, n_resamples=5, seed=5)
 
 
 def test_paired_cluster_intervals_match_a_direct_computation():
@@ -242,3 +252,27 @@ def test_control_captions_copied_from_the_real_arm_equal_generated_ones(stage2, 
         assert (x["control"]["experts"], x["control"]["caption"]) == (y["control"]["experts"], y["control"]["caption"])
     assert copied["meta"]["grounding_control"]["captions_reused"] == 12
     assert generated["meta"]["grounding_control"]["captions_generated"] == 12
+
+
+def test_a_corrupt_partner_image_leaves_that_sample_out_with_the_reason(stage2, tmp_path, monkeypatch):
+    from rsmoe.data.schema import Sample, make_record
+    from rsmoe.data.shards import write_shards
+    from rsmoe.serve import load_trained
+
+    samples = []
+    for n, cls in enumerate(COLOURS):
+        cap = f"There is {WORDS[cls]}."
+        rec = make_record(caption=cap, parts={"theme": cap}, dataset="UCM-Captions", split="test", image_id=str(n),
+                          qa=[{"question": f"Is there {WORDS[cls]}?", "type": "presence", "answer": "yes"}], label=cls)
+        samples.append(Sample(f"UCM-Captions_{n}", b"not an image" if n == 3 else _png(COLOURS[cls]), "png", rec))
+    write_shards(samples, tmp_path / "shards")
+    _patch(monkeypatch, {"cfg": load_trained(str(stage2), "cpu").cfg}, blind=False)
+    res = _evaluate(stage2, str(tmp_path / "shards" / "test-*.tar"), tmp_path / "out")
+    assert res["meta"]["skipped_corrupt_images"] == ["UCM-Captions_3"]
+    items = json.loads((tmp_path / "out" / "results.json").read_text())["items"]
+    orphan = next(it for it in items if it["control"]["partner"] == "UCM-Captions_3")
+    assert "could not be read" in orphan["control"]["missing"]  # its questions needed the corrupt image
+    for task in ("caption", "vqa"):
+        g = res[f"{task}/UCM-Captions"]["grounding"]
+        assert list(g["missing"]) == [orphan["key"]] and g["n_images"] == 6  # 8 - the corrupt one - its orphan
+    assert res["meta"]["grounding_control"]["missing"] == {orphan["key"]: orphan["control"]["missing"]}

@@ -92,7 +92,7 @@ def test_eval_writes_every_metric_and_every_expert_text(run_dirs, sample_shards,
     # The grounding control: every section, both arms, paired intervals, the verdict in words.
     for name in ("caption/UCM-Captions", "caption/all", "vqa/RSVQA-LR", "vqa/all"):
         g = saved[name]["grounding"]
-        assert g["available"] and g["missing"] == [] and g["summary"].startswith(name)
+        assert g["available"] and g["missing"] == {} and g["summary"].startswith(name)
         for row in g["metrics"].values():
             assert row["delta_low"] <= row["delta_high"] and row["delta"] == pytest.approx(row["real"] - row["control"])
             assert row["verdict"] in ("cannot be told apart from a model that ignores the image",

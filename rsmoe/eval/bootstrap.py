@@ -129,6 +129,21 @@ def bootstrap_cider_ci(
     )
 
 
+def cider_resamples(scores: CaptionScores, n_resamples: int, seed: int) -> np.ndarray:
+    """Corpus CIDEr of ``n_resamples`` resamples of ``scores.ids`` (the draws of :func:`bootstrap_ci`
+    with this seed), cached on ``scores`` so the paired control bootstrap does not recompute them."""
+    key = ("CIDEr", n_resamples, seed)
+    if key not in scores.bootstrap_cache:
+        from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
+
+        n = len(scores.ids)
+        tests = [cook_test(scores.tokenized_candidates[k]) for k in scores.ids]
+        refs = [cook_refs(scores.tokenized_references[k]) for k in scores.ids]
+        idx = np.random.default_rng(seed).integers(0, n, (n_resamples, n))
+        scores.bootstrap_cache[key] = np.array([cider_on_subset(tests, refs, row) for row in idx])
+    return scores.bootstrap_cache[key]
+
+
 def caption_intervals(
     scores: CaptionScores,
     *,
@@ -151,13 +166,7 @@ def caption_intervals(
             continue
         values = [scores.per_image[name][k] for k in scores.ids]
         if name == "CIDEr":
-            lo, hi = bootstrap_cider_ci(
-                scores.tokenized_candidates,
-                scores.tokenized_references,
-                scores.ids,
-                n_resamples=n_resamples_cider,
-                **kw,
-            )
+            lo, hi = _percentiles(cider_resamples(scores, n_resamples_cider, seed), confidence)
             out[name] = {"low": lo, "high": hi, "method": "corpus CIDEr recomputed (IDF per resample)", "n_resamples": n_resamples_cider}
         elif name == "ROUGE-L":
             lo, hi = bootstrap_mean_ci(values, n_resamples=n_resamples, **kw)
@@ -294,13 +303,10 @@ def paired_caption_intervals(
         if name in out or name not in control.corpus:
             continue
         if name == "CIDEr":
-            from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
-
-            arms = []
-            for s in (real, control):
-                tests = [cook_test(s.tokenized_candidates[k]) for k in s.ids]
-                refs = [cook_refs(s.tokenized_references[k]) for k in s.ids]
-                arms.append(np.array([cider_on_subset(tests, refs, idx[r]) for r in range(min(n_resamples_cider, n_resamples))]))
+            # The first rows of `idx` are exactly cider_resamples' draws (same seed, same stream), so the
+            # real arm's values are those of its own interval, computed once.
+            r_c = min(n_resamples_cider, n_resamples)
+            arms = [cider_resamples(arm, r_c, seed) for arm in (real, control)]
             out[name] = {**_paired_summary(arms[0], arms[1], confidence),
                          "method": "corpus CIDEr recomputed (IDF per resample) for both arms", "n_resamples": len(arms[0])}
             continue

@@ -271,6 +271,13 @@ def distinct_share(captions: Sequence[str]) -> dict[str, Any]:
             "distinct_opening_share": len(set(firsts)) / n if n else 0.0}
 
 
+def _why_missing(item: Mapping[str, Any]) -> str:
+    ctrl = item.get("control")
+    if not ctrl:
+        return "the only sample of its dataset: no other image to swap in"
+    return str(ctrl.get("missing") or "no control output")
+
+
 def unavailable(reason: str) -> dict[str, Any]:
     return {"available": False, "reason": reason, "control": CONTROL}
 
@@ -319,7 +326,7 @@ def caption_grounding(
         "control": CONTROL,
         "seed": seed,
         "n_images": len(paired),
-        "missing": [it["key"] for it in group if it["key"] not in set(ids)],
+        "missing": {it["key"]: _why_missing(it) for it in group if it["key"] not in set(ids)},
         "reused_captions": sum(bool(it["control"].get("caption_reused")) for it in paired),
         "resampling": "images, paired: each resample scores both arms on the same images",
         "metrics": metrics,
@@ -365,7 +372,7 @@ def vqa_grounding(
         "seed": seed,
         "n_images": len(paired),
         "n_questions": len(t),
-        "missing": [it["key"] for it in group if it.get("qa") and it["key"] not in {p["key"] for p in paired}],
+        "missing": {it["key"]: _why_missing(it) for it in group if it.get("qa") and it["key"] not in {p["key"] for p in paired}},
         "resampling": "images, paired: each resample draws images and takes all their questions, in both arms",
         "metrics": metrics,
         "summary": summary(name, metrics),

@@ -205,7 +205,8 @@ def _grounding_notes(g: Mapping[str, Any]) -> list[str]:
         notes.append(f"{g['reused_captions']} control captions copied from the real arm (same instruction, same image: "
                      "the same generation)")
     if g.get("missing"):
-        notes.append(f"no control for {len(g['missing'])} sample(s) (partner image unreadable): {g['missing'][:5]}")
+        shown = "; ".join(f"{k}: {why}" for k, why in list(g["missing"].items())[:5])
+        notes.append(f"no control for {len(g['missing'])} sample(s), left out of this comparison ({shown})")
     line = _distinct_line(g)
     return notes + ([line] if line else [])
 

@@ -7,9 +7,16 @@ Captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE reported unavailable offline)
 sample's `references` (its `caption` when it has none). VQA: exact-match accuracy per question
 type and overall; RSVQA-LR/HR samples (by their `dataset` field) also get the literature's
 protocol average (LR: presence, comparison, rural_urban; HR: presence, comparison; count and area
-apart). Each dataset gets its own section, labelled zero-shot or fine-tuned. 95% bootstrap
-intervals. Writes results.json, report.html and report.md (every image: the experts'
-sub-captions, the composed caption, the references, the VQA rows) and prints the tables.
+apart; both the mean of the type accuracies and the question-weighted average). Class datasets
+(UCM-Captions) also get class-mention accuracy. Each dataset gets its own section, labelled
+zero-shot or fine-tuned. 95% bootstrap intervals. Writes results.json, report.html and report.md
+(every image: the experts' sub-captions, the composed caption, the references, the VQA rows) and
+prints the tables.
+
+Image-grounding control (on by default, rsmoe.eval.grounding): the same evaluation with every
+image swapped for another image of its dataset; each section reports real - control with a
+paired bootstrap interval and says in words whether the scores can be told apart from a model
+that ignores the image.
 
 Distributed: under torchrun / srun each rank evaluates a disjoint share of the samples (the
 loader's eval mode: sample i goes to rank i % world_size) with a plain model (no DeepSpeed
@@ -457,7 +464,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
 
     datasets = sorted({it["dataset"] for it in all_items})
     settings = settings_for(datasets, trained.model_dir, opts.setting)
+    t_score = time.time()
     sections, warnings = score_items(all_items, opts, settings)
+    score_s = time.time() - t_score
     for w in warnings:
         log.warning("%s", w)
     meta = {
@@ -486,6 +495,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         "device": str(device),
         "skipped_corrupt_images": missing,
         "generation_seconds": round(gen_s, 2),
+        "scoring_seconds": round(score_s, 2),
         "grounding_control": _control_meta(all_items, opts, gathered),
         "warnings": warnings,
     }

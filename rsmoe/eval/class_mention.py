@@ -139,3 +139,31 @@ def class_mention(
         "mentioned": mentioned,
         "no_class_word": float(np.mean([m is None for m in mentioned.values()])),
     }
+
+
+def add_class_mention(
+    section: dict[str, Any], items: Sequence[Mapping[str, Any]], *, n_resamples: int, seed: int
+) -> dict[str, tuple[str, ...]] | None:
+    """Add ``class_mention_accuracy`` (with a bootstrap interval) to a caption report section when
+    every item carries a ``label`` of one class table; returns that table (None: not a class dataset).
+
+    ``items`` need ``key``, ``caption`` and ``label``, in the section's image order.
+    """
+    found = table_for([it.get("label") for it in items])
+    if found is None:
+        return None
+    name, table = found
+    res = class_mention({it["key"]: it["caption"] for it in items}, {it["key"]: it["label"] for it in items}, table)
+    section["metrics"]["class_mention_accuracy"] = res["accuracy"]
+    section["class_mention"] = {"classes": name, "n": res["n"], "no_class_word": res["no_class_word"],
+                                "mentioned": res["mentioned"]}
+    section.setdefault("notes", []).append(
+        "class_mention_accuracy: the first class word or synonym the caption names is the image's class "
+        "(docs/evaluation.md); naming none counts as wrong")
+    if n_resamples:
+        from .bootstrap import bootstrap_mean_ci
+
+        lo, hi = bootstrap_mean_ci([float(res["correct"][it["key"]]) for it in items], n_resamples=n_resamples, seed=seed)
+        section.setdefault("intervals", {})["class_mention_accuracy"] = {
+            "low": lo, "high": hi, "method": "mean of per-image correctness (exact)", "n_resamples": n_resamples}
+    return table

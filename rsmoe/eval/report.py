@@ -7,7 +7,9 @@
                         "unavailable": {name: reason}, "notes": [...], ...}, ...}
 
 Every top-level dict with a ``"metrics"`` key becomes a table; metric values are shown x100 (the
-RS literature's scale) unless the section sets ``"display_scale"``. ``results.json`` holds
+RS literature's scale) unless the section sets ``"display_scale"``. A section's ``"grounding"``
+block (rsmoe.eval.grounding) becomes a second table: real, control, real - control with intervals
+and the verdict in words. ``results.json`` holds
 ``results`` unchanged plus ``"items"`` (the items without image bytes).
 """
 
@@ -391,7 +393,9 @@ def write_report(out_dir: str | Path, results: dict[str, Any], items: list[dict[
     ``items``: ``{"key", "image_png": bytes | None, "experts": {name: text}, "caption": str,
     "references": [str], "qa": [{"question", "type", "prediction", "answer", "expert"}]}``; all
     keys but ``key`` are optional. A QA row may carry ``"correct"``; otherwise it is recomputed
-    with :func:`normalize_answer`. The Markdown report links thumbnails written to ``thumbs/``.
+    with :func:`normalize_answer`. Optional ``"label"`` (the image's class) and ``"control"``
+    (``{"partner", "caption", "qa": [{"prediction", "correct"}], "missing"}``: the grounding
+    control's output) are shown too. The Markdown report links thumbnails written to ``thumbs/``.
 
     Returns ``{"json": path, "html": path, "md": path}``.
     """

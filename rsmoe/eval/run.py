@@ -241,9 +241,9 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
 def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """Report sections (see rsmoe.eval.report) for every dataset, plus 'all' when there are several."""
     from rsmoe.eval import grounding
-    from rsmoe.eval.bootstrap import bootstrap_mean_ci, caption_intervals, rsvqa_average_ci, vqa_intervals
+    from rsmoe.eval.bootstrap import caption_intervals, rsvqa_average_ci, vqa_intervals
     from rsmoe.eval.caption_metrics import java_status, score_captions
-    from rsmoe.eval.class_mention import class_mention, table_for
+    from rsmoe.eval.class_mention import add_class_mention
     from rsmoe.eval.report import caption_section, vqa_section
     from rsmoe.eval.vqa_metrics import RSVQA_PROTOCOLS, rsvqa_protocol, vqa_accuracy
 
@@ -280,22 +280,10 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
                                                   n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
                 sec = caption_section(scores, intervals, setting=label(name))
                 sec["dataset"] = name
-                table = table_for([it.get("label") for it in group])
-                if table is not None:  # a class dataset (UCM-Captions): does the caption name the image's class?
-                    cm = class_mention(cands, {it["key"]: it["label"] for it in group}, table[1])
-                    sec["metrics"]["class_mention_accuracy"] = cm["accuracy"]
-                    sec["class_mention"] = {"classes": table[0], "n": cm["n"], "no_class_word": cm["no_class_word"],
-                                            "mentioned": cm["mentioned"]}
-                    sec["notes"].append("class_mention_accuracy: the first class word or synonym the caption names is the "
-                                        "image's class (docs/evaluation.md); naming none counts as wrong")
-                    if opts.bootstrap:
-                        lo, hi = bootstrap_mean_ci([float(cm["correct"][k]) for k in scores.ids], n_resamples=opts.bootstrap, seed=opts.seed)
-                        intervals["class_mention_accuracy"] = {"low": lo, "high": hi, "method": "mean of per-image correctness (exact)",
-                                                               "n_resamples": opts.bootstrap}
-                        sec["intervals"] = dict(intervals)
+                table = add_class_mention(sec, group, n_resamples=opts.bootstrap, seed=opts.seed)  # class datasets only
                 if opts.grounding_control:
                     sec["grounding"] = grounding.caption_grounding(
-                        f"caption/{name}", group, scores, score, class_table=table[1] if table else None,
+                        f"caption/{name}", group, scores, score, class_table=table,
                         n_resamples=opts.bootstrap, n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
                 sections[f"caption/{name}"] = sec
         finally:

@@ -572,8 +572,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-thumbnails", action="store_true", help="leave images out of the report")
     p.add_argument("--no-grounding-control", action="store_true",
                    help="skip the image-grounding control (on by default: every sample is evaluated again with another "
-                        "image of its dataset, and real - control is reported with a paired interval; costs one more VQA "
-                        "pass, captions only where a sample's instruction differs from its partner's, and the control's scoring)")
+                        "image of its dataset and real - control is reported with a paired interval). Its cost: VQA "
+                        "generation runs twice; captions are copied from the real arm (generated again only where a "
+                        "sample's instruction differs from its partner's); caption scoring and bootstrap run about twice")
 
 
 def options_from_cli(ns: argparse.Namespace) -> EvalOptions:

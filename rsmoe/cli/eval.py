@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", choices=["zero-shot", "fine-tuned"], default=None,
                    help="label for every dataset (default: per dataset, fine-tuned if the run trained on it)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed, also seeds the grounding control's image swap")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the JVM start)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -44,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true", help="experts generate in turn (baseline) instead of one batched call")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image decoding")
     p.add_argument("--no-thumbnails", action="store_true", help="leave images out of the report")
+    p.add_argument("--no-grounding-control", action="store_true",
+                   help="skip the image-grounding control (on by default: every sample is evaluated again with another "
+                        "image of its dataset and real - control is reported with a paired interval). Its cost: VQA "
+                        "generation runs twice; captions are copied from the real arm (generated again only where a "
+                        "sample's instruction differs from its partner's); caption scoring and bootstrap run about twice")
 
 
 def options_from_cli(ns: argparse.Namespace) -> EvalOptions:
@@ -54,6 +59,7 @@ def options_from_cli(ns: argparse.Namespace) -> EvalOptions:
         questions_per_image=ns.questions_per_image, setting=ns.setting, bootstrap=ns.bootstrap, seed=ns.seed,
         meteor=not ns.no_meteor, device=ns.device, dtype=ns.dtype, instruction=ns.instruction,
         sequential=ns.sequential, num_workers=ns.num_workers, thumbnails=not ns.no_thumbnails,
+        grounding_control=not ns.no_grounding_control,
     )
 
 

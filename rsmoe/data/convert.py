@@ -184,6 +184,30 @@ def open_rsieval(
     return len(anns), _samples(anns, build, skipped)
 
 
+# UC Merced Land Use classes in alphabetical order: UCM-Captions image n.tif (imgid n-1) is
+# UCM_CLASSES[(n-1)//100] (21 blocks of 100; verified in data/sample/ucm_captions/SOURCE.md).
+UCM_CLASSES: tuple[str, ...] = (
+    "agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral", "denseresidential",
+    "forest", "freeway", "golfcourse", "harbor", "intersection", "mediumresidential", "mobilehomepark",
+    "overpass", "parkinglot", "river", "runway", "sparseresidential", "storagetanks", "tenniscourt",
+)
+
+
+def _is_ucm(data: Any, dataset: str) -> bool:
+    """A Karpathy file of UCM-Captions: its own ``dataset`` field says "ucm" or the name starts with UCM."""
+    own = str(data.get("dataset") or "").strip().lower() if isinstance(data, dict) else ""
+    return own in ("ucm", "ucm-captions", "ucm_captions") or dataset.strip().lower().startswith("ucm")
+
+
+def ucm_class(filename: str, path: str | os.PathLike = "", where: str = "") -> str:
+    """UC Merced class of a UCM-Captions image ``<n>.tif`` (n = 1..2100)."""
+    stem = Path(filename).stem
+    _require(stem.isdigit() and 1 <= int(stem) <= 100 * len(UCM_CLASSES), path,
+             f"{where} filename '{filename}' is not <n>.tif with n in 1..{100 * len(UCM_CLASSES)}, so its UC Merced class is unknown",
+             "Pass the original UCM-Captions dataset.json, or convert it under a --dataset name not starting with 'UCM'.")
+    return UCM_CLASSES[(int(stem) - 1) // 100]
+
+
 def open_karpathy(
     annotations: str | os.PathLike, images: str | os.PathLike, *, dataset: str | None = None,
     skipped: Counter[str] | None = None,
@@ -192,16 +216,20 @@ def open_karpathy(
 
     ``{"images": [{"filename", "imgid", "split", "sentences": [{"raw", "tokens", ...}]}], "dataset"?}``.
     The first sentence is the training ``caption``; all sentences are kept as ``references``.
+    UCM-Captions records also get their UC Merced scene class as ``label`` (:func:`ucm_class`).
     """
     skipped = skipped if skipped is not None else Counter()
     data = _load_json(annotations, "Karpathy-style caption JSON")
     imgs = _field(data, "images", list, annotations, "top level")
     dataset = dataset or str(data.get("dataset") or Path(annotations).stem)
     image_dir = _check_image_dir(images)
+    ucm = _is_ucm(data, dataset)
     for i, r in enumerate(imgs):
         _field(r, "filename", str, annotations, f"images[{i}]")
         _field(r, "split", str, annotations, f"images[{i}]")
         _field(r, "sentences", list, annotations, f"images[{i}]")
+        if ucm:
+            ucm_class(r["filename"], annotations, f"images[{i}]")  # fail before anything is written
 
     def build(r: dict[str, Any]):
         refs = []
@@ -216,7 +244,8 @@ def open_karpathy(
             return None
         stem = Path(r["filename"]).stem
         rec = make_record(caption=refs[0], parts=split_caption(refs[0]), dataset=dataset, split=r["split"],
-                          image_id=str(r.get("imgid", stem)), references=refs)
+                          image_id=str(r.get("imgid", stem)), references=refs,
+                          label=ucm_class(r["filename"]) if ucm else None)
         cands = ([Path(annotations).parent / r["png"]] if isinstance(r.get("png"), str) else []) + _candidates(image_dir, r["filename"])
         return safe_key(dataset, stem), cands, rec
 

@@ -28,7 +28,7 @@ from rsmoe.data.shards import read_manifest
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = 2  # 2: the RSICap-style splitter (UCM parts changed)
+BUILDER_VERSION = 3  # 2: the RSICap-style splitter (UCM parts changed); 3: UCM-Captions records carry their class ('label')
 VAL_FRACTION = 0.2
 DEFAULT_OUT = "data/shards/sample"
 _RSVQA = {

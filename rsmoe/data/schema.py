@@ -9,7 +9,8 @@ A sample in a shard is a group of tar members with the same key: the image (``<k
       "qa": [{"question": str, "answer": str, "type": str}],
       "dataset": str, "split": str, "image_id": str,
       "instruction": str | None,            # optional prompt (RSICap ``text_input``)
-      "references": [str, ...]              # optional: all human captions, for evaluation
+      "references": [str, ...],             # optional: all human captions, for evaluation
+      "label": str                          # optional: the image's scene class (UCM-Captions)
     }
 
 Parts may be empty strings (a short caption may have no relational sentence), but the caption may not.
@@ -73,6 +74,9 @@ def validate_record(rec: Any) -> str | None:
     refs = rec.get("references")
     if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
         return "field 'references' must be a list of str"
+    label = rec.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        return "field 'label' must be a non-empty str when present"
     return None
 
 
@@ -86,6 +90,7 @@ def make_record(
     qa: list[dict[str, str]] | None = None,
     instruction: str | None = None,
     references: list[str] | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Build a schema record (and check it, so converters fail loudly on their own bugs)."""
     rec: dict[str, Any] = {
@@ -99,6 +104,8 @@ def make_record(
     }
     if references is not None:
         rec["references"] = list(references)
+    if label is not None:
+        rec["label"] = label
     reason = validate_record(rec)
     if reason is not None:
         raise ValueError(f"invalid record for {dataset}/{image_id}: {reason}")

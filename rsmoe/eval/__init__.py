@@ -1,4 +1,5 @@
-"""Evaluation: caption metrics, VQA accuracy (RSVQA protocols), bootstrap intervals, reports.
+"""Evaluation: caption metrics, VQA accuracy (RSVQA protocols), class-mention accuracy, bootstrap
+intervals (paired for the image-grounding control, rsmoe.eval.grounding), reports.
 
 See docs/evaluation.md for the metric definitions, answer normalisation and protocols.
 """
@@ -9,6 +10,8 @@ from .bootstrap import (
     bootstrap_cider_ci,
     bootstrap_mean_ci,
     caption_intervals,
+    paired_caption_intervals,
+    paired_cluster_intervals,
     rsvqa_average_ci,
     vqa_intervals,
 )
@@ -19,6 +22,7 @@ from .caption_metrics import (
     simple_ptb_tokenize,
     spice_status,
 )
+from .class_mention import class_mention, first_class_mentioned
 from .report import caption_section, vqa_section, write_report
 from .vqa_metrics import (
     canonical_type,
@@ -37,9 +41,13 @@ __all__ = [
     "canonical_type",
     "caption_intervals",
     "caption_section",
+    "class_mention",
     "count_bucket",
+    "first_class_mentioned",
     "java_status",
     "normalize_answer",
+    "paired_caption_intervals",
+    "paired_cluster_intervals",
     "rsvqa_average_ci",
     "rsvqa_protocol",
     "score_captions",

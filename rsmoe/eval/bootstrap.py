@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rsmoe.eval.vqa_metrics import RSVQA_PROTOCOLS
+
 from .caption_metrics import BLEU_NAMES, CaptionScores, bleu_from_statistics
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,21 @@ def bootstrap_cider_ci(
     )
 
 
+def cider_resamples(scores: CaptionScores, n_resamples: int, seed: int) -> np.ndarray:
+    """Corpus CIDEr of ``n_resamples`` resamples of ``scores.ids`` (the draws of :func:`bootstrap_ci`
+    with this seed), cached on ``scores`` so the paired control bootstrap does not recompute them."""
+    key = ("CIDEr", n_resamples, seed)
+    if key not in scores.bootstrap_cache:
+        from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
+
+        n = len(scores.ids)
+        tests = [cook_test(scores.tokenized_candidates[k]) for k in scores.ids]
+        refs = [cook_refs(scores.tokenized_references[k]) for k in scores.ids]
+        idx = np.random.default_rng(seed).integers(0, n, (n_resamples, n))
+        scores.bootstrap_cache[key] = np.array([cider_on_subset(tests, refs, row) for row in idx])
+    return scores.bootstrap_cache[key]
+
+
 def caption_intervals(
     scores: CaptionScores,
     *,
@@ -151,13 +168,7 @@ def caption_intervals(
             continue
         values = [scores.per_image[name][k] for k in scores.ids]
         if name == "CIDEr":
-            lo, hi = bootstrap_cider_ci(
-                scores.tokenized_candidates,
-                scores.tokenized_references,
-                scores.ids,
-                n_resamples=n_resamples_cider,
-                **kw,
-            )
+            lo, hi = _percentiles(cider_resamples(scores, n_resamples_cider, seed), confidence)
             out[name] = {"low": lo, "high": hi, "method": "corpus CIDEr recomputed (IDF per resample)", "n_resamples": n_resamples_cider}
         elif name == "ROUGE-L":
             lo, hi = bootstrap_mean_ci(values, n_resamples=n_resamples, **kw)
@@ -205,13 +216,17 @@ def rsvqa_average_ci(
     accuracy: dict[str, Any],
     split: str,
     *,
+    weighting: str = "types",
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> tuple[float, float]:
-    """Interval for the RSVQA-LR/HR average (mean of per-type accuracies), resampling within each
-    type so every resample keeps the test set's type composition."""
-    from .vqa_metrics import RSVQA_PROTOCOLS
+    """Interval for the RSVQA-LR/HR average, resampling questions within each protocol type so every
+    resample keeps the test set's type composition. ``weighting="types"``: mean of the per-type
+    accuracies (``average_mean_of_types``); ``"questions"``: weighted by each type's question count
+    (``average_question_weighted``)."""
+    if weighting not in ("types", "questions"):
+        raise ValueError(f"weighting must be 'types' or 'questions', not {weighting!r}")
 
     correct = np.asarray(accuracy["correct"], dtype=np.float64)
     types = np.asarray(accuracy["types"])
@@ -219,8 +234,144 @@ def rsvqa_average_ci(
     if not wanted:
         raise ValueError(f"no RSVQA-{split} protocol types in the accuracy result")
     rng = np.random.default_rng(seed)
-    per_type = []
+    per_type, sizes = [], []
     for ty in wanted:
         v = correct[types == ty]
         per_type.append(v[rng.integers(0, v.size, (n_resamples, v.size))].mean(axis=1))
-    return _percentiles(np.mean(per_type, axis=0), confidence)
+        sizes.append(v.size)
+    weights = np.ones(len(wanted)) if weighting == "types" else np.asarray(sizes, dtype=np.float64)
+    return _percentiles(np.average(per_type, axis=0, weights=weights), confidence)
+
+
+# --------------------------------------------------------------------------- paired (real vs control)
+
+
+def _paired_summary(real: np.ndarray, control: np.ndarray, confidence: float) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of the control arm and of real - control over the same resamples."""
+    ok = np.isfinite(real) & np.isfinite(control)
+    real, control = real[ok], control[ok]
+    if real.size == 0:
+        return {}
+    return {"control_ci": _percentiles(control, confidence), "delta_ci": _percentiles(real - control, confidence)}
+
+
+def _resample_weights(n_items: int, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (R, n), counts (R, n)): how often each item is drawn in each resample."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_items, (n_resamples, n_items))
+    weights = np.zeros((n_resamples, n_items))
+    np.add.at(weights, (np.arange(n_resamples)[:, None], idx), 1.0)
+    return idx, weights
+
+
+def paired_caption_intervals(
+    real: CaptionScores,
+    control: CaptionScores,
+    *,
+    per_image: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    n_resamples_cider: int = DEFAULT_CIDER_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of two caption arms scored on the same images (real vs image-swapped control).
+
+    Each resample draws images with replacement and scores *both* arms on that same multiset, so
+    the interval of ``real - control`` reflects only the difference the images make. Every corpus
+    metric is recomputed as in :func:`caption_intervals` (BLEU exact from statistics, CIDEr re-run
+    with its IDF on the first ``n_resamples_cider`` resamples, ROUGE-L a mean; METEOR / SPICE the
+    per-image-mean spread centred on the jar's corpus scores). ``per_image`` adds metrics that are
+    means of per-image values (e.g. class-mention correctness): ``{name: (real values, control values)}``
+    in ``ids`` order.
+
+    Returns ``{metric: {"control_ci": (low, high), "delta_ci": (low, high), "method", "n_resamples"}}``.
+    """
+    if real.ids != control.ids:
+        raise ValueError("paired bootstrap needs both arms scored on the same image ids, in the same order")
+    n = len(real.ids)
+    if n == 0:
+        raise ValueError("bootstrap needs at least one item")
+    idx, weights = _resample_weights(n, n_resamples, seed)
+    out: dict[str, dict[str, Any]] = {}
+    b_real = bleu_from_statistics(weights @ real.bleu_stats)
+    b_ctrl = bleu_from_statistics(weights @ control.bleu_stats)
+    for k, name in enumerate(BLEU_NAMES):
+        out[name] = {**_paired_summary(b_real[:, k], b_ctrl[:, k], confidence),
+                     "method": "corpus BLEU from per-image statistics", "n_resamples": n_resamples}
+
+    means: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in real.corpus:
+        if name in out or name not in control.corpus:
+            continue
+        if name == "CIDEr":
+            # The first rows of `idx` are exactly cider_resamples' draws (same seed, same stream), so the
+            # real arm's values are those of its own interval, computed once.
+            r_c = min(n_resamples_cider, n_resamples)
+            arms = [cider_resamples(arm, r_c, seed) for arm in (real, control)]
+            out[name] = {**_paired_summary(arms[0], arms[1], confidence),
+                         "method": "corpus CIDEr recomputed (IDF per resample) for both arms", "n_resamples": len(arms[0])}
+            continue
+        means[name] = (np.asarray([real.per_image[name][k] for k in real.ids], dtype=np.float64),
+                       np.asarray([control.per_image[name][k] for k in control.ids], dtype=np.float64))
+    for name, (r, c) in (per_image or {}).items():
+        means[name] = (np.asarray(r, dtype=np.float64), np.asarray(c, dtype=np.float64))
+    for name, (r, c) in means.items():
+        mr, mc = weights @ r / n, weights @ c / n
+        summary = _paired_summary(mr, mc, confidence)
+        method = "mean of per-image scores (exact)"
+        if name in real.corpus and name not in ("ROUGE-L",):
+            # Pooled jar scores (METEOR, SPICE): shift the per-image-mean spread onto the corpus scores.
+            pr, pc = float(real.corpus[name]), float(control.corpus[name])
+            shift_c, shift_d = pc - float(c.mean()), (pr - pc) - float(r.mean() - c.mean())
+            summary = {"control_ci": tuple(v + shift_c for v in summary["control_ci"]),
+                       "delta_ci": tuple(v + shift_d for v in summary["delta_ci"])}
+            method = "spread of the per-image-score mean, centred on the jar's pooled corpus scores (approximate)"
+        out[name] = {**summary, "method": method, "n_resamples": n_resamples}
+    return out
+
+
+def paired_cluster_intervals(
+    clusters: Sequence[int] | np.ndarray,
+    real: Sequence[float] | np.ndarray,
+    control: Sequence[float] | np.ndarray,
+    specs: dict[str, list[np.ndarray]],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Paired cluster bootstrap for per-question scores grouped by image (VQA real vs control).
+
+    Images (``clusters``: each question's image index 0..m-1) are resampled with replacement and
+    every question of a drawn image comes along, in both arms. ``specs`` maps a metric to a list
+    of boolean question masks: the metric is the mean over the masks of (sum of scores / number of
+    questions) in each mask, so ``[all]`` is overall accuracy, ``[type mask]`` a per-type accuracy,
+    ``[presence, comparison, rural_urban]`` the mean of types and ``[their union]`` the
+    question-weighted average. A resample in which a mask has no question is left out.
+
+    Returns ``{metric: {"real", "control", "control_ci": (low, high), "delta_ci": (low, high),
+    "n_resamples"}}``: point values, intervals, and the number of resamples that entered them.
+    """
+    cl = np.asarray(clusters, dtype=np.int64)
+    r_hits, c_hits = np.asarray(real, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    if not (cl.shape == r_hits.shape == c_hits.shape) or cl.size == 0:
+        raise ValueError("clusters, real and control need the same non-zero length")
+    m = int(cl.max()) + 1
+    _, weights = _resample_weights(m, n_resamples, seed)
+    ones = np.ones((1, m))
+    out: dict[str, dict[str, Any]] = {}
+    for name, masks in specs.items():
+        def value(hits: np.ndarray, w: np.ndarray) -> np.ndarray:
+            vals = []
+            for mask in masks:
+                a = np.bincount(cl[mask], weights=hits[mask], minlength=m)
+                q = np.bincount(cl[mask], minlength=m).astype(np.float64)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    vals.append((w @ a) / (w @ q))
+            return np.mean(vals, axis=0)
+
+        pr, pc = float(value(r_hits, ones)[0]), float(value(c_hits, ones)[0])
+        vr, vc = value(r_hits, weights), value(c_hits, weights)
+        out[name] = {"real": pr, "control": pc, **_paired_summary(vr, vc, confidence),
+                     "n_resamples": int(np.sum(np.isfinite(vr) & np.isfinite(vc)))}
+    return out

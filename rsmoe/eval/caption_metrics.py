@@ -61,6 +61,8 @@ class CaptionScores:
     # Rows follow ``ids``: testlen, closest reflen, guess_1..4, correct_1..4 (see bleu_statistics).
     bleu_stats: np.ndarray = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    bootstrap_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Per-resample corpus scores already computed (the grounding control's paired bootstrap reuses them)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (per-image scores included, bootstrap internals left out)."""

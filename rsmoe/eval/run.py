@@ -4,9 +4,16 @@ Captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE reported unavailable offline)
 sample's `references` (its `caption` when it has none). VQA: exact-match accuracy per question
 type and overall; RSVQA-LR/HR samples (by their `dataset` field) also get the literature's
 protocol average (LR: presence, comparison, rural_urban; HR: presence, comparison; count and area
-apart). Each dataset gets its own section, labelled zero-shot or fine-tuned. 95% bootstrap
-intervals. Writes results.json, report.html and report.md (every image: the experts'
-sub-captions, the composed caption, the references, the VQA rows) and prints the tables.
+apart; both the mean of the type accuracies and the question-weighted average). Class datasets
+(UCM-Captions) also get class-mention accuracy. Each dataset gets its own section, labelled
+zero-shot or fine-tuned. 95% bootstrap intervals. Writes results.json, report.html and report.md
+(every image: the experts' sub-captions, the composed caption, the references, the VQA rows) and
+prints the tables.
+
+Image-grounding control (on by default, rsmoe.eval.grounding): the same evaluation with every
+image swapped for another image of its dataset; each section reports real - control with a
+paired bootstrap interval and says in words whether the scores can be told apart from a model
+that ignores the image.
 
 Distributed: under torchrun / srun each rank evaluates a disjoint share of the samples (the
 loader's eval mode: sample i goes to rank i % world_size) with a plain model (no DeepSpeed
@@ -35,10 +42,31 @@ from rsmoe.data.shards import read_manifest
 from rsmoe.distributed import collectives
 from rsmoe.distributed.env import init_object_group
 from rsmoe.errors import UserError
+from rsmoe.eval import grounding
 from rsmoe.eval.bootstrap import caption_intervals, rsvqa_average_ci, vqa_intervals
 from rsmoe.eval.caption_metrics import java_status, score_captions
-from rsmoe.eval.report import caption_section, vqa_section, write_report
-from rsmoe.eval.vqa_metrics import normalize_answer, rsvqa_protocol, vqa_accuracy
+from rsmoe.eval.class_mention import add_class_mention
+from rsmoe.eval.grounding import (
+    CONTROL,
+    answer_rows,
+    control_arm,
+    fill_reused_captions,
+    needed_images,
+    plan_control,
+    read_images,
+)
+from rsmoe.eval.report import (
+    caption_section,
+    grounding_lines,
+    vqa_section,
+    write_report,
+)
+from rsmoe.eval.vqa_metrics import (
+    RSVQA_PROTOCOLS,
+    normalize_answer,
+    rsvqa_protocol,
+    vqa_accuracy,
+)
 from rsmoe.inference import generate as inference
 from rsmoe.inference.generate import generation_args
 from rsmoe.inference.load import Trained, load_trained, pick_device
@@ -82,18 +110,34 @@ class EvalOptions:
     java: bool | None = None
     """None = detect (tests pass False to simulate a machine without Java)."""
     progress: bool = True
+    grounding_control: bool = True
+    """Also evaluate with every image swapped for another image of its dataset (rsmoe.eval.grounding)."""
+    reuse_control_captions: bool = True
+    """Copy a control caption from the real arm when the instructions match (exact; False = generate it, for tests)."""
 
 
 # ---------------------------------------------------------------- the sample index
 
 
-def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]:
-    """(global index, key, dataset) of every valid record, in the loader's eval order.
+@dataclass(frozen=True)
+class IndexEntry:
+    index: int
+    """Global sample index (every sample group of every shard, valid or not, in shard order)."""
+    key: str
+    dataset: str
+    label: str | None
+    """The record's scene class, if it has one (UCM-Captions)."""
+    instruction: str | None
+    n_questions: int
+
+
+def scan_index(urls: Sequence[str], limit: int = 0) -> list[IndexEntry]:
+    """Every valid record, in the loader's eval order, with what the evaluator needs before generating.
 
     The global index counts every sample group of every shard, valid or not (as the loader's eval
     mode does), so `index % world_size` is the rank that evaluates it. Images are not decoded.
     """
-    out: list[tuple[int, str, str]] = []
+    out: list[IndexEntry] = []
     index = 0
     counts: Counter[str] = Counter()
     for url in urls:
@@ -102,9 +146,15 @@ def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]
                 return out
             s = parse_group(url, key, group, counts)
             if s is not None:
-                out.append((index, key, s["record"]["dataset"]))
+                rec = s["record"]
+                out.append(IndexEntry(index, key, rec["dataset"], rec.get("label"), rec.get("instruction"), len(rec["qa"])))
             index += 1
     return out
+
+
+def scan_keys(urls: Sequence[str], limit: int = 0) -> list[tuple[int, str, str]]:
+    """(global index, key, dataset) of every valid record, in the loader's eval order (see scan_index)."""
+    return [(e.index, e.key, e.dataset) for e in scan_index(urls, limit)]
 
 
 # ---------------------------------------------------------------- setting (zero-shot / fine-tuned)
@@ -156,15 +206,16 @@ def _thumbnail(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return buf.getvalue()
 
 
-def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vqa_gen) -> list[dict[str, Any]]:
-    """One report item per sample of `batch`: expert sub-captions, composed caption, VQA rows."""
+def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vqa_gen, control=None) -> list[dict[str, Any]]:
+    """One report item per sample of `batch`: expert sub-captions, composed caption, VQA rows, and
+    with a `control` plan (rsmoe.eval.grounding.ControlPlan) the same with each image swapped."""
     n = len(batch["key"])
     items: list[dict[str, Any]] = [
         {"key": batch["key"][i], "dataset": batch["dataset"][i], "references": list(batch["references"][i])} for i in range(n)
     ]
     pixels = batch["pixel_values"]
+    instr = [opts.instruction or x for x in batch["instruction"]]
     if opts.task in ("caption", "both"):
-        instr = [opts.instruction or x for x in batch["instruction"]]
         caps = inference.caption(trained.model, trained.processor, pixels, instr, cap_gen, sequential=opts.sequential)
         for item, c in zip(items, caps):
             item["experts"], item["caption"], item["truncated"] = dict(c["experts"]), c["caption"], c["truncated"]
@@ -174,16 +225,12 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
             qas = batch["qa"][i][: opts.questions_per_image] if opts.questions_per_image else batch["qa"][i]
             rows += [(i, q) for q in qas]
             items[i]["qa"] = []
-        for start in range(0, len(rows), opts.vqa_batch_size):
-            chunk = rows[start : start + opts.vqa_batch_size]
-            images, image_index = inference.images_once([i for i, _ in chunk])  # many questions, one encoding
-            answers = inference.answer(
-                trained.model, trained.processor, pixels[images],
-                [q["question"] for _, q in chunk], [q.get("type") for _, q in chunk], vqa_gen, image_index=image_index,
-            )
-            for (i, q), a in zip(chunk, answers):
-                items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
-                                       "prediction": a["answer"], "expert": a["expert"]})
+        for (i, q), a in zip(rows, answer_rows(trained, pixels, rows, opts.vqa_batch_size, vqa_gen)):
+            items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
+                                   "prediction": a["answer"], "expert": a["expert"]})
+    if control is not None:
+        control_arm(trained, items, instr, control, cap_gen=cap_gen, vqa_gen=vqa_gen, vqa_batch_size=opts.vqa_batch_size,
+                    sequential=opts.sequential, device=pixels.device)
     if opts.thumbnails:
         v = trained.cfg.model.vision
         for i, item in enumerate(items):
@@ -217,16 +264,23 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
 
             meteor = Meteor()  # one JVM for every section
         try:
+            def score(cands: dict[str, str], refs: dict[str, list[str]]):
+                return score_captions(cands, refs, use_meteor=opts.meteor, java=opts.java if java_ok else False, meteor=meteor)
+
             for name, group in groups:
                 cands = {it["key"]: it["caption"] for it in group}
-                refs = {it["key"]: it["references"] for it in group}
-                scores = score_captions(cands, refs, use_meteor=opts.meteor, java=opts.java if java_ok else False, meteor=meteor)
+                scores = score(cands, {it["key"]: it["references"] for it in group})
                 intervals = {}
                 if opts.bootstrap:
                     intervals = caption_intervals(scores, n_resamples=opts.bootstrap,
                                                   n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
                 sec = caption_section(scores, intervals, setting=label(name))
                 sec["dataset"] = name
+                table = add_class_mention(sec, group, n_resamples=opts.bootstrap, seed=opts.seed)  # class datasets only
+                if opts.grounding_control:
+                    sec["grounding"] = grounding.caption_grounding(
+                        f"caption/{name}", group, scores, score, class_table=table,
+                        n_resamples=opts.bootstrap, n_resamples_cider=max(1, opts.bootstrap // 5), seed=opts.seed)
                 sections[f"caption/{name}"] = sec
         finally:
             if meteor is not None:
@@ -237,6 +291,13 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
                 proc.wait()
 
     if opts.task in ("vqa", "both"):
+        # Mark each row in the items (both arms), so the report does not recompute it differently.
+        for it in items:
+            control_rows = (it.get("control") or {}).get("qa") or []
+            for qa, cqa in zip(it.get("qa") or [], control_rows):
+                cqa["correct"] = _correct(cqa["prediction"], qa["answer"], qa["type"])
+            for qa in it.get("qa") or []:
+                qa["correct"] = _correct(qa["prediction"], qa["answer"], qa["type"])
         for name, group in groups:
             rows = [(f"{it['key']}#{j}", qa) for it in group for j, qa in enumerate(it.get("qa") or [])]
             if not rows:
@@ -256,22 +317,28 @@ def score_items(items: list[dict[str, Any]], opts: EvalOptions, settings: dict[s
                 try:
                     protocol = rsvqa_protocol(preds, answers, types, split)
                     if opts.bootstrap:
-                        lo, hi = rsvqa_average_ci(acc, split, n_resamples=opts.bootstrap, seed=opts.seed)
-                        intervals["rsvqa_average"] = {"low": lo, "high": hi, "method": "per-type resampling", "n_resamples": opts.bootstrap}
+                        for key, weighting in (("rsvqa_average_mean_of_types", "types"), ("rsvqa_average_question_weighted", "questions"),
+                                               ("rsvqa_average", "types")):
+                            lo, hi = rsvqa_average_ci(acc, split, weighting=weighting, n_resamples=opts.bootstrap, seed=opts.seed)
+                            intervals[key] = {"low": lo, "high": hi, "method": "questions resampled within each protocol type",
+                                              "n_resamples": opts.bootstrap}
                     if protocol["missing_types"]:
                         warnings.append(f"vqa/{name}: no {protocol['missing_types']} questions; RSVQA-{split} average over the rest")
                 except ValueError as exc:
                     warnings.append(f"vqa/{name}: RSVQA-{split} protocol not applied ({exc})")
             sec = vqa_section(acc, protocol=protocol, intervals=intervals, setting=label(name))
             sec["dataset"] = name
+            if opts.grounding_control:
+                sec["grounding"] = grounding.vqa_grounding(f"vqa/{name}", group, RSVQA_PROTOCOLS[split] if protocol else None,
+                                                           n_resamples=opts.bootstrap, seed=opts.seed)
             sections[f"vqa/{name}"] = sec
-        # Mark each row in the items, so the report does not recompute it differently.
-        for it in items:
-            for qa in it.get("qa") or []:
-                t = qa["type"] or "unknown"
-                gt = normalize_answer(qa["answer"], t)
-                qa["correct"] = gt != "" and normalize_answer(qa["prediction"], t) == gt
     return sections, warnings
+
+
+def _correct(prediction: str, answer: str, qtype: str) -> bool:
+    t = qtype or "unknown"
+    gt = normalize_answer(answer, t)
+    return gt != "" and normalize_answer(prediction, t) == gt
 
 
 # ---------------------------------------------------------------- main flow
@@ -299,13 +366,18 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         urls = sorted(expand_shards([p.strip() for p in opts.shards.split("::") if p.strip()]))
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    index = scan_keys(urls, opts.limit)
+    index = scan_index(urls, opts.limit)
     if not index:
         raise UserError(f"no valid sample in {len(urls)} shard(s) matching '{opts.shards}' (see the warnings above)")
-    dup = [k for k, n in Counter(k for _, k, _ in index).items() if n > 1]
+    dup = [k for k, n in Counter(e.key for e in index).items() if n > 1]
     if dup:
         raise UserError(f"sample key(s) {dup[:3]} occur more than once in '{opts.shards}': keys must be unique to be scored")
-    mine = {k for i, k, _ in index if i % world == rank}
+    mine = {e.key for e in index if e.index % world == rank}
+    control = None
+    if opts.grounding_control:
+        control = plan_control(index, mine, task=opts.task, instruction=opts.instruction, seed=opts.seed,
+                               reuse_captions=opts.reuse_control_captions)
+        control.images = read_images(urls, needed_images(control))  # encoded bytes; partners may be another rank's
 
     device = pick_device(opts.device, local_rank)
     trained = load_trained(opts.model, device, opts.dtype)
@@ -324,36 +396,45 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         if keep:
             sub = {k: ([batch[k][i] for i in keep] if isinstance(batch[k], list) else batch[k][keep]) for k in batch}
             sub["pixel_values"] = sub["pixel_values"].to(device)
-            items += generate_items(trained, sub, opts, cap_gen, vqa_gen)
+            items += generate_items(trained, sub, opts, cap_gen, vqa_gen, control)
             seen.update(sub["key"])
             bar.update(len(keep))
         if seen >= mine:
             break  # --limit: the rest of the shards is not ours to evaluate
     bar.close()
     corrupt = loader.stats().get("corrupt_image", 0)
+    control_s = control.seconds if control is not None else 0.0
 
-    gathered: list[tuple[list[dict[str, Any]], int]] = collectives.all_gather_object((items, corrupt))
+    gathered: list[tuple[list[dict[str, Any]], int, float]] = collectives.all_gather_object((items, corrupt, control_s))
     if rank != 0:
         return None
 
-    all_items = [it for part, _ in gathered for it in part]
-    corrupt_total = sum(c for _, c in gathered)
+    all_items = [it for part, _, _ in gathered for it in part]
+    corrupt_total = sum(c for _, c, _ in gathered)
     keys = [it["key"] for it in all_items]
     dups = [k for k, n in Counter(keys).items() if n > 1]
     if dups:
         raise RuntimeError(f"samples evaluated more than once across ranks: {dups[:5]}")
-    order = {k: n for n, (_, k, _) in enumerate(index)}
+    order = {e.key: n for n, e in enumerate(index)}
     missing = [k for k in order if k not in set(keys)]
     if len(missing) > corrupt_total:
         raise RuntimeError(f"{len(missing)} sample(s) were not evaluated (only {corrupt_total} had corrupt images): {missing[:5]}")
     if missing:
         log.warning("%d sample(s) skipped for corrupt images: %s", len(missing), missing[:5])
     all_items.sort(key=lambda it: order[it["key"]])
+    labels = {e.key: e.label for e in index if e.label is not None}
+    for it in all_items:
+        if it["key"] in labels:
+            it["label"] = labels[it["key"]]
+    if control is not None:
+        fill_reused_captions(all_items)
     gen_s = time.time() - t0
 
     datasets = sorted({it["dataset"] for it in all_items})
     settings = settings_for(datasets, trained.model_dir, opts.setting)
+    t_score = time.time()
     sections, warnings = score_items(all_items, opts, settings)
+    score_s = time.time() - t_score
     for w in warnings:
         log.warning("%s", w)
     meta = {
@@ -382,6 +463,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
         "device": str(device),
         "skipped_corrupt_images": missing,
         "generation_seconds": round(gen_s, 2),
+        "scoring_seconds": round(score_s, 2),
+        "grounding_control": _control_meta(all_items, opts, gathered),
         "warnings": warnings,
     }
     results = {"meta": meta, **sections}
@@ -389,6 +472,23 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     paths = write_report(out, results, all_items)
     results["_paths"] = {k: str(p) for k, p in paths.items()}
     return results
+
+
+def _control_meta(items: list[dict[str, Any]], opts: EvalOptions, gathered: list) -> dict[str, Any]:
+    if not opts.grounding_control:
+        return {"enabled": False}
+
+    ctrls = [it["control"] for it in items if it.get("control")]
+    return {
+        "enabled": True,
+        "control": CONTROL,
+        "seed": opts.seed,
+        "captions_generated": sum(c.get("caption_reused") is False for c in ctrls),
+        "captions_reused": sum(bool(c.get("caption_reused")) for c in ctrls),
+        "questions_asked": sum(len(c.get("qa") or []) for c in ctrls),
+        "missing": {it["key"]: it["control"]["missing"] for it in items if (it.get("control") or {}).get("missing")},
+        "generation_seconds": round(max(s for _, _, s in gathered), 2),
+    }
 
 
 # ---------------------------------------------------------------- printing
@@ -401,14 +501,16 @@ def format_tables(results: dict[str, Any]) -> str:
             continue
         n = f"{sec['n_images']} images" if "n_images" in sec else f"{sec.get('n', 0)} questions"
         lines.append(f"{name}  ({sec.get('setting', '')}, {n})")
-        lines.append(f"  {'metric':<16}{'x100':>8}  95% CI")
+        lines.append(f"  {'metric':<32}{'x100':>8}  95% CI")
         for metric, value in sec["metrics"].items():
             iv = sec.get("intervals", {}).get(metric)
             ci = f"[{iv['low'] * 100:6.2f}, {iv['high'] * 100:6.2f}]" if iv else ""
             count = sec.get("n_per_type", {}).get(metric)
             extra = f"  (n={count})" if count is not None else ""
-            lines.append(f"  {metric:<16}{value * 100:>8.2f}  {ci}{extra}")
+            lines.append(f"  {metric:<32}{value * 100:>8.2f}  {ci}{extra}")
         for metric, reason in sec.get("unavailable", {}).items():
-            lines.append(f"  {metric:<16}{'n/a':>8}  {reason}")
+            lines.append(f"  {metric:<32}{'n/a':>8}  {reason}")
+        if sec.get("grounding"):
+            lines += ["  " + line for line in grounding_lines(sec["grounding"])]
         lines.append("")
     return "\n".join(lines)

@@ -49,6 +49,9 @@ _TENS = {
 _ARTICLES = {"a", "an", "the"}
 _YES = {"yes", "yeah", "yep", "true", "correct"}
 _NO = {"no", "nope", "false", "incorrect"}
+_RURAL_URBAN = {"rural", "urban"}
+# After punctuation -> space, "isn't" is "isn t": the lone "t" marks the negation.
+_NEGATIONS = {"not", "no", "neither", "nor", "never", "t", "nt", "isnt", "non"}
 
 
 def canonical_type(qtype: str) -> str:
@@ -96,7 +99,11 @@ def normalize_answer(s: str, qtype: str | None = None) -> str:
     7. ``qtype == "count"``: ``none``, ``nothing``, ``no`` / ``no <noun>...`` and ``there are no
        ...`` -> ``0``; an answer holding exactly one number reduces to it (``"2 buildings"`` ->
        ``2``); answers already in RSVQA-LR bucket form ("between 1 and 10") are left alone.
-    8. Whitespace collapsed, joined by single spaces.
+    8. ``qtype == "rural_urban"``: an answer naming exactly one of ``rural`` / ``urban`` and no
+       negation (not, no, neither, nor, isn't ...) becomes that word: ``"a rural area"``, ``"It is
+       rural."``, ``"Urban area"`` -> ``rural`` / ``urban``; ``"rural or urban"`` and ``"not
+       urban"`` stay as they are (and so never match).
+    9. Whitespace collapsed, joined by single spaces.
     """
     qt = canonical_type(qtype) if qtype else None
     s = s.strip().lower().replace("²", "2").replace("square meters", "m2").replace("square metres", "m2")
@@ -125,6 +132,11 @@ def normalize_answer(s: str, qtype: str | None = None) -> str:
         if len(numbers) == 1:
             return numbers[0]
         return joined
+
+    if qt == "rural_urban":
+        named = {t for t in tokens if t in _RURAL_URBAN}
+        if len(named) == 1 and not any(t in _NEGATIONS for t in tokens):
+            return named.pop()
 
     if tokens[0] in _YES:
         return "yes"
@@ -230,9 +242,12 @@ def rsvqa_protocol(
 ) -> dict[str, Any]:
     """RSVQA accuracies as the RS literature reports them.
 
-    ``split="LR"``: average of presence, comparison and rural_urban accuracies; ``"HR"``: average of
-    presence and comparison. Count and area (and count_bucketed) are reported alongside but never
-    enter the average. ``overall_all_questions`` is the plain accuracy over every question.
+    ``split="LR"``: average over presence, comparison and rural_urban; ``"HR"``: over presence and
+    comparison. Count and area (and count_bucketed) are reported alongside but never enter the
+    average. Papers average differently, so both are returned: ``average`` (= ``average_mean_of_types``)
+    is the plain mean of the per-type accuracies (RSGPT's convention); ``average_question_weighted``
+    weights each type by its number of questions, i.e. the accuracy over all protocol-type questions
+    (GeoChat's). ``overall_all_questions`` is the plain accuracy over every question.
     """
     key = split.strip().upper()
     if key not in RSVQA_PROTOCOLS:
@@ -247,13 +262,17 @@ def rsvqa_protocol(
         logger.warning("RSVQA-%s: no questions of type %s; averaging over %s", key, missing, present)
     out: dict[str, Any] = {ty: acc["per_type"][ty] for ty in present}
     out["average"] = float(np.mean([acc["per_type"][ty] for ty in present]))
+    out["average_mean_of_types"] = out["average"]
+    n_present = sum(acc["n_per_type"][ty] for ty in present)
+    out["average_question_weighted"] = float(sum(acc["per_type"][ty] * acc["n_per_type"][ty] for ty in present) / n_present)
     for ty in RSVQA_SEPARATE:
         if ty in acc["per_type"]:
             out[ty] = acc["per_type"][ty]
     if "count_bucketed" in acc:
         out["count_bucketed"] = acc["count_bucketed"]
     out["overall_all_questions"] = acc["overall"]
-    out["protocol"] = f"RSVQA-{key}: average of {', '.join(wanted)}; count and area reported separately"
+    out["protocol"] = (f"RSVQA-{key}: average over {', '.join(wanted)} (mean of the type accuracies, and weighted by "
+                       "question count); count and area reported separately")
     out["missing_types"] = missing
     out["n_per_type"] = acc["n_per_type"]
     return out

@@ -42,5 +42,7 @@ def test_two_ranks_give_the_same_results_as_one_process(tiny_runs, sample_shards
     for k in sections:
         assert a[k]["metrics"] == b[k]["metrics"], k
         assert a[k]["intervals"] == b[k]["intervals"], k
-    assert a["items"] == b["items"]  # every sample once, same generations, same order
+        assert a[k]["grounding"]["available"] and a[k]["grounding"] == b[k]["grounding"], k  # the control arm too
+    assert a["items"] == b["items"]  # every sample once, same generations (both arms), same order
+    assert all(it["control"]["partner"] != it["key"] for it in b["items"])
     assert len({it["key"] for it in b["items"]}) == 34

@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,29 @@ def test_karpathy_ucm_tif(tmp_path):
     rec = samples["UCM-Captions_7"]["record"]
     assert samples["UCM-Captions_7"]["ext"] == "png"  # TIFF converted
     assert rec["caption"] == "There is a piece of farmland." and len(rec["references"]) == 5
+    assert {s["record"]["label"] for s in samples.values()} == {"agricultural"}  # 7, 34, 90, 91.tif
+
+
+def test_karpathy_ucm_class_label(tmp_path):
+    # n.tif is class CLASSES[(n-1)//100]: block edges, and the UCM rule applies only to UCM files.
+    assert [convert.ucm_class(f"{n}.tif") for n in (1, 100, 101, 1363, 1900, 1901, 2100)] == [
+        "agricultural", "agricultural", "airplane", "mobilehomepark", "sparseresidential", "storagetanks", "tenniscourt"]
+    data = json.loads((FIX / "karpathy/dataset_ucm.json").read_text())
+    data["images"][0]["filename"] = "2101.tif"
+    bad = tmp_path / "dataset_ucm.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ConvertError, match=r"images\[0\] filename '2101.tif' is not <n>.tif"):
+        convert.open_karpathy(bad, FIX / "karpathy/imgs")
+    data["dataset"] = "sydney"
+    bad.write_text(json.dumps(data))
+    _, it = convert.open_karpathy(bad, FIX / "karpathy/imgs", dataset="Sydney-Captions")
+    assert all("label" not in s.record for s in it)
+    with pytest.raises(ConvertError, match="class is unknown"):
+        convert.open_karpathy(bad, FIX / "karpathy/imgs", dataset="UCM-Captions")
+    rec = {"caption": "A farm.", "parts": {"theme": "A farm.", "objects": "", "relations": ""}, "qa": [],
+           "dataset": "UCM-Captions", "split": "val", "image_id": "6"}
+    assert validate_record({**rec, "label": "agricultural"}) is None and validate_record(rec) is None
+    assert "label" in validate_record({**rec, "label": ""}) and "label" in validate_record({**rec, "label": 3})
 
 
 def test_nwpu(tmp_path):
@@ -177,5 +201,8 @@ def test_build_sample_shards_idempotent(tmp_path):
     samples = read_shards(out)
     ucm = samples["UCM-Captions_1363"]["record"]
     assert len(ucm["references"]) == 5 and ucm["caption"] == ucm["references"][0]
+    assert ucm["label"] == "mobilehomepark"
+    labels = Counter(s["record"].get("label") for k, s in samples.items() if k.startswith("UCM-Captions_"))
+    assert len(labels) == 21 and set(labels.values()) == {5}  # 21 classes x 5 images
     lr = samples["RSVQA-LR_0"]["record"]
     assert len(lr["qa"]) >= 100 and lr["parts"]["objects"] and lr["parts"]["relations"]

@@ -40,3 +40,16 @@ def test_vqa_intervals():
     lo, hi = rsvqa_average_ci(acc, "LR", n_resamples=500, seed=0)
     assert lo <= avg <= hi
     assert (lo, hi) == rsvqa_average_ci(acc, "LR", n_resamples=500, seed=0)
+    # Question-weighted: the same within-type resamples, weighted 60/40/20, so the interval brackets
+    # the accuracy over all protocol questions and is computed from a direct loop exactly.
+    weighted = np.mean(acc["correct"])
+    lo_w, hi_w = rsvqa_average_ci(acc, "LR", weighting="questions", n_resamples=300, seed=1)
+    assert lo_w <= weighted <= hi_w
+    rng = np.random.default_rng(1)
+    correct, ctypes = np.asarray(acc["correct"], float), np.asarray(acc["types"])
+    per_type = [correct[ctypes == t][rng.integers(0, n, (300, n))].mean(axis=1)
+                for t, n in (("presence", 60), ("comparison", 40), ("rural_urban", 20))]
+    direct = (60 * per_type[0] + 40 * per_type[1] + 20 * per_type[2]) / 120
+    assert (lo_w, hi_w) == pytest.approx(tuple(np.quantile(direct, [0.025, 0.975])))
+    with pytest.raises(ValueError, match="weighting"):
+        rsvqa_average_ci(acc, "LR", weighting="mean")

@@ -38,10 +38,26 @@ def test_eval_writes_every_metric_and_every_expert_text(run_dirs, sample_shards,
     assert "SPICE" in ucm["unavailable"] or "SPICE" in ucm["metrics"]
     assert set(ucm["intervals"]) == set(ucm["metrics"])
     assert ucm["n_images"] == 21 and ucm["setting"] == "fine-tuned"  # the run trained on UCM-Captions
+    assert 0.0 <= ucm["metrics"]["class_mention_accuracy"] <= 1.0  # UCM records carry their class
+    assert "class_mention_accuracy" not in saved["caption/RSVQA-LR"]["metrics"]  # RSVQA has no class labels
     lr = saved["vqa/RSVQA-LR"]
-    assert {"overall", "presence", "comparison", "rural_urban", "count", "rsvqa_average"} <= set(lr["metrics"])
-    assert "rsvqa_average" in lr["intervals"] and lr["protocol"]["protocol"].startswith("RSVQA-LR")
-    assert "rsvqa_average" not in saved["vqa/all"]["metrics"]
+    averages = {"rsvqa_average", "rsvqa_average_mean_of_types", "rsvqa_average_question_weighted"}
+    assert {"overall", "presence", "comparison", "rural_urban", "count"} | averages <= set(lr["metrics"])
+    assert averages <= set(lr["intervals"]) and lr["protocol"]["protocol"].startswith("RSVQA-LR")
+    assert lr["metrics"]["rsvqa_average"] == lr["metrics"]["rsvqa_average_mean_of_types"]
+    assert not averages & set(saved["vqa/all"]["metrics"])
+    # The grounding control: every section, both arms, paired intervals, the verdict in words.
+    for name in ("caption/UCM-Captions", "caption/all", "vqa/RSVQA-LR", "vqa/all"):
+        g = saved[name]["grounding"]
+        assert g["available"] and g["missing"] == {} and g["summary"].startswith(name)
+        for row in g["metrics"].values():
+            assert row["delta_low"] <= row["delta_high"] and row["delta"] == pytest.approx(row["real"] - row["control"])
+            assert row["verdict"] in ("cannot be told apart from a model that ignores the image",
+                                      "the model uses the image on this set", "the control scores higher: its own image makes the model worse")
+    assert set(saved["caption/UCM-Captions"]["grounding"]["metrics"]) == set(ucm["metrics"])  # METEOR too, with Java
+    assert averages - {"rsvqa_average"} <= set(lr["grounding"]["metrics"])
+    assert saved["meta"]["grounding_control"]["captions_reused"] == 34  # one default instruction per dataset
+    assert saved["meta"]["grounding_control"]["questions_asked"] == 13 * 4
     assert saved["meta"]["n_images"] == 34 and saved["meta"]["n_questions"] == 13 * 4
 
     items = saved["items"]
@@ -55,6 +71,8 @@ def test_eval_writes_every_metric_and_every_expert_text(run_dirs, sample_shards,
         for name, text in it["experts"].items():
             assert f"| {name} | {text.replace('|', chr(92) + '|')}" in md
     assert html.count("<div class='item'>") == 34 and html.count("data:image/png;base64,") == 34
+    assert html.count("image-grounding control</h3>") == 7  # 4 caption + 3 VQA sections and "Control caption" in html and "control prediction" in html
+    assert md.count("image-grounding control") == 7
     assert res["_paths"]["html"] == str(out / "report.html")
 
 
@@ -128,8 +146,11 @@ def test_vqa_scores_match_a_hand_computation(run_dirs, tmp_path, monkeypatch):
     assert lr["metrics"]["rural_urban"] == 0.0 and lr["metrics"]["count"] == 0.5
     assert lr["metrics"]["count_bucketed"] == 1.0  # 2 vs "two": same bucket; 12 is "between 11 and 100"
     assert lr["metrics"]["rsvqa_average"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # count left out
+    assert lr["metrics"]["rsvqa_average_question_weighted"] == pytest.approx((1 + 2 + 0) / 5)  # 3 of 5 protocol questions
     assert lr["metrics"]["overall"] == pytest.approx(4 / 7)
     assert hr["metrics"]["rsvqa_average"] == pytest.approx((1.0 + 0.0) / 2)  # area left out
+    # The stand-in answers by question only, i.e. it ignores the image: the control scores the same.
+    assert all(r["delta"] == 0 and r["verdict"].startswith("cannot be told apart") for r in lr["grounding"]["metrics"].values())
     assert hr["metrics"]["area"] == 1.0 and hr["metrics"]["overall"] == pytest.approx(2 / 3)
     assert both["metrics"]["overall"] == pytest.approx(6 / 10) and "rsvqa_average" not in both["metrics"]
     assert lr["setting"] == "zero-shot" and hr["n_per_type"] == {"area": 1, "comparison": 1, "presence": 1}

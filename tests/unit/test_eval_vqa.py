@@ -24,6 +24,14 @@ from rsmoe.eval import canonical_type, count_bucket, normalize_answer, rsvqa_pro
         ("0m2", "area", "0m2"),
         ("1,000m2", "area", "1000m2"),
         ("  Rural  ", "rural_urban", "rural"),
+        ("a rural area", "rural_urban", "rural"),
+        ("An urban area.", "rural_urban", "urban"),
+        ("It is rural", "rural_urban", "rural"),
+        ("The area is urban, with many buildings", "rural_urban", "urban"),
+        ("rural or urban", "rural_urban", "rural or urban"),  # names both: no answer
+        ("not urban", "rural_urban", "not urban"),  # negated: left alone
+        ("It isn't rural", "rural_urban", "it isn t rural"),
+        ("a rural area", None, "rural area"),  # only rural_urban questions are reduced
         ("2.5", None, "2.5"),
     ],
 )
@@ -75,7 +83,8 @@ def test_rsvqa_lr_protocol_hand_computed():
     assert r["presence"] == pytest.approx(2 / 3)
     assert r["comparison"] == pytest.approx(0.5)
     assert r["rural_urban"] == 1.0
-    assert r["average"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+    assert r["average"] == r["average_mean_of_types"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)  # RSGPT's convention
+    assert r["average_question_weighted"] == pytest.approx((2 + 1 + 1) / 6)  # GeoChat's: 4 right of 6 protocol questions
     assert r["count"] == 0.0 and r["count_bucketed"] == 0.0
     assert r["overall_all_questions"] == pytest.approx(4 / 8)
 
@@ -86,7 +95,14 @@ def test_rsvqa_hr_protocol_excludes_count_and_area():
     types = ["presence", "presence", "comp", "comp", "area", "count"]
     r = rsvqa_protocol(preds, answers, types, "HR")
     assert r["average"] == pytest.approx((0.5 + 1.0) / 2)
+    assert r["average_question_weighted"] == pytest.approx(3 / 4)  # equal type counts: the two averages agree
     assert r["area"] == 0.0 and r["count"] == 1.0
     assert "rural_urban" not in r and r["missing_types"] == []
     with pytest.raises(ValueError, match="LR' or 'HR"):
         rsvqa_protocol(preds, answers, types, "XL")
+
+
+def test_rural_urban_sentences_score_as_their_class():
+    preds = ["a rural area", "It is urban.", "an urban area", "rural or urban"]
+    acc = vqa_accuracy(preds, ["rural", "urban", "rural", "rural"], ["rural_urban"] * 4)
+    assert acc["correct"] == [True, True, False, False]

@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("rsmoe.eval.run", "score captioning and VQA on shards; writes results.json and a report"),
     "caption": ("rsmoe.serve", "caption images with a trained model (no launcher needed)"),
     "ask": ("rsmoe.serve_ask", "answer a question about an image with a trained model"),
+    "serve": ("rsmoe.serving.cli", "serve a trained model over HTTP: API + web page"),
     "export": ("rsmoe.export", "export a run to safetensors, peft adapters, merged HF models"),
     "assets": ("rsmoe.assets", "list or prepare the offline demo weights"),
     "bench": ("rsmoe.bench", "run a benchmark from bench/"),

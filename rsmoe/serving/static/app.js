@@ -34,7 +34,10 @@ function renderCaption(result) {
     const th = document.createElement("th");
     th.textContent = name;
     const td = document.createElement("td");
-    td.textContent = text;
+    const span = document.createElement("span");
+    span.className = "text";
+    span.textContent = text;
+    td.appendChild(span);
     if (result.truncated.includes(name)) {
       const cut = document.createElement("span");
       cut.className = "cut";

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -18,10 +20,8 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, free_port
 from test_eval_run import tiny_run
 
@@ -163,8 +163,6 @@ def test_concurrent_submits_make_one_generate_call_and_each_caller_gets_its_own_
 
 
 def json_key(d):
-    import json
-
     return json.dumps(d, sort_keys=True)
 
 
@@ -244,6 +242,26 @@ def test_batcher_without_batching_skips_cancelled_jobs_and_drains_on_close():
         b.submit("k", 5)
     assert first.result().value == 1 and second.result().value == 2 and third.cancelled()
     assert seen == [[1], [2]]
+
+
+def test_batch_window_waits_only_while_other_requests_are_on_the_way():
+    from rsmoe.serving.batcher import Batcher
+
+    on_the_way = [0]
+    b = Batcher(lambda key, payloads: payloads, window_s=1.0, max_batch=8, arriving=lambda: on_the_way[0])
+    try:
+        t0 = time.monotonic()
+        assert b.submit("k", 1).result(timeout=5).batch_size == 1
+        assert time.monotonic() - t0 < 0.5  # nobody else coming: no 1 s wait
+        on_the_way[0] = 1
+        first = b.submit("k", 2)
+        time.sleep(0.2)
+        assert not first.done()  # someone is on the way: the window stays open for them
+        second = b.submit("k", 3)
+        on_the_way[0] = 0
+        assert first.result(timeout=5).batch_size == second.result(timeout=5).batch_size == 2
+    finally:
+        b.close()
 
 
 # ---------------------------------------------------------------- images
@@ -348,11 +366,11 @@ def bomb_png() -> bytes:
 
 def test_bad_input_matrix(client, caplog):
     png = read(IMAGES[0])
-    up = lambda data, **fields: dict(files={"image": ("x.png", data, "image/png")}, data=fields)  # noqa: E731
-    chat = lambda **kw: {"model": "rsmoe", "messages": [{"role": "user", "content": [  # noqa: E731
+    up = lambda data, **fields: dict(files={"image": ("x.png", data, "image/png")}, data=fields)
+    chat = lambda **kw: {"model": "rsmoe", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "Describe the image."}, {"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}}]}], **kw}
     cases = [
-        # (what, method, path, request kwargs, status, message fragment)
+        # (what, path, request kwargs, status, message fragment)
         ("not an image", "/v1/caption", up(b"just some text, not pixels"), 415, "not an image"),
         ("truncated PNG", "/v1/caption", up(truncated(IMAGES[0], "PNG")), 400, "truncated or corrupt"),
         ("truncated JPEG", "/v1/caption", up(truncated(IMAGES[0], "JPEG")), 400, "truncated or corrupt"),
@@ -498,16 +516,40 @@ def test_openai_client_against_the_server(server, client, engine):
 # ---------------------------------------------------------------- timeouts, start-up and shutdown
 
 
+class HalfSent:
+    """A POST /v1/caption whose body is sent in two parts: until `finish`, the server sees a request
+    on the way (and holds the batch window open for it)."""
+
+    def __init__(self, port: int, path: str = IMAGES[0]):
+        self.body = json.dumps({"image": data_url(path)}).encode()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        head = (f"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(self.body)}\r\nConnection: close\r\n\r\n").encode()
+        self.sock.sendall(head + self.body[:100])
+
+    def finish(self) -> tuple[int, bytes]:
+        self.sock.sendall(self.body[100:])
+        data = b""
+        while chunk := self.sock.recv(65536):
+            data += chunk
+        self.sock.close()
+        return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
+
+
 def test_a_request_that_waits_too_long_gets_504(engine, client):
     from rsmoe.serving.app import create_app
 
-    # The window (1 s) is longer than the timeout: the request is given up while still queued, so it never runs.
+    # A half-sent request keeps the 1 s window open, longer than the timeout: the waiting request is
+    # given up while still queued, so it never runs; the server stays up.
     with ServerThread(create_app(engine, serve_config(window_ms=1000, request_timeout_s=0.05))) as s:
+        slow = HalfSent(s.port)
+        time.sleep(0.2)
         r = httpx.post(s.url + "/v1/caption", json={"image": data_url(IMAGES[0])}, timeout=30)
         assert r.status_code == 504 and "within 0.05 s" in r.json()["error"]["message"]
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
         time.sleep(1.2)
         assert httpx.get(s.url + "/health").json()["requests_served"] == 0  # the cancelled job was dropped
+        slow.sock.close()
 
 
 def test_start_refuses_a_missing_or_incomplete_model(tmp_path, capsys, run_dirs):
@@ -542,16 +584,22 @@ def test_sigterm_finishes_in_flight_requests_then_exits(run_dirs):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
+        uploading = HalfSent(port, IMAGES[1])  # still uploading when SIGTERM comes
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, url + "/v1/caption", json={"image": data_url(IMAGES[0])}, timeout=60)
-            time.sleep(0.5)  # the request now waits in the 1.5 s batching window
+            time.sleep(0.5)  # that request now waits in the 1.5 s window, held open by the upload
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            status, body = uploading.finish()
             r = pending.result()
         assert r.status_code == 200 and r.json()["experts"]
+        assert status == 200 and b'"experts"' in body
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "listening on http://127.0.0.1:" in err and "rsmoe serve: stopped" in err
-        assert "POST /v1/caption 200" in err and "batch=1" in err
+        assert "listening on http://127.0.0.1:" in err and "rsmoe serve: stopped on SIGTERM" in err
+        assert err.count("POST /v1/caption 200") == 2 and "batch=2" in err
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,8 +10,8 @@ import tempfile
 
 import pytest
 
-from test_serving import IMAGES, ServerThread, data_url, serve_config  # noqa: F401 (fixtures below)
-from test_serving import engine, run_dirs, trained  # noqa: F401
+# The fixtures (engine, run_dirs, trained) are shared with test_serving.py: one tiny model per module.
+from test_serving import IMAGES, ServerThread, data_url, engine, run_dirs, serve_config, trained  # noqa: F401
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
@@ -50,7 +50,7 @@ def artifacts_dir(tmp_path):
     return str(tmp_path)
 
 
-def test_page_captions_an_upload_and_answers_a_question(browser, engine, tmp_path):  # noqa: F811
+def test_page_captions_an_upload_and_answers_a_question(browser, engine, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -66,7 +66,7 @@ def test_page_captions_an_upload_and_answers_a_question(browser, engine, tmp_pat
         browser.get(s.url + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: "experts:" in d.find_element(By.ID, "model-info").text)
-        text = lambda el: el.get_attribute("textContent")  # noqa: E731 (exact, unlike .text)
+        text = lambda el: el.get_attribute("textContent")  # exact text, unlike el.text
 
         browser.find_element(By.ID, "file").send_keys(image)
         rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#experts tr[data-expert]") or False)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from rsmoe.serving.images import InputError, decode_base64
 
-CAPTION_INTENT = re.compile(r"\b(describe|description|caption|captions|summari[sz]e|summary)\b", re.I)
+CAPTION_INTENT = re.compile(r"\b(describe|description|caption|captions|summari[sz]e|summary)\b", re.IGNORECASE)
 TASKS = ("caption", "ask")
 MAX_TOKENS_LIMIT = 512
 
@@ -65,7 +65,7 @@ def _image_bytes(part: dict) -> bytes:
     if not isinstance(url, str) or not url:
         raise InputError(400, "an image_url part has no 'url': use {\"image_url\": {\"url\": \"data:image/png;base64,...\"}}",
                          "messages")
-    if re.match(r"^https?://", url, re.I):
+    if re.match(r"^https?://", url, re.IGNORECASE):
         raise InputError(400, "image URLs are not fetched: send the image inline as a data: URL (data:image/png;base64,...)",
                          "messages")
     if not url.startswith("data:"):
@@ -98,7 +98,8 @@ def parse_chat(body, model_ids: list[str]) -> ChatRequest:
         if image is not None:
             break
     if image is None:
-        raise InputError(400, "no image: add a content part {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}",
+        raise InputError(400, "no image: add a content part "
+                              "{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}",
                          "messages")
     texts = []
     for p in _parts(user[-1].get("content")):

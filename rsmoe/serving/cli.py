@@ -47,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def serve_config(ns: argparse.Namespace):
+    from rsmoe.serving.app import ServeConfig
     from rsmoe.serving.engine import GenSettings
     from rsmoe.serving.images import DEFAULT_MAX_PIXELS
-    from rsmoe.serving.app import ServeConfig
 
     checks = [(ns.max_batch >= 1, "--max-batch must be >= 1"), (ns.batch_window_ms >= 0, "--batch-window-ms must be >= 0"),
               (ns.max_queue >= 1, "--max-queue must be >= 1"), (ns.request_timeout > 0, "--request-timeout must be > 0"),

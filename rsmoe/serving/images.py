@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF", "WEBP", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a full 6000 x 6000 aerial tile passes; bombs do not
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$",
+                       re.DOTALL)
 
 
 class InputError(Exception):

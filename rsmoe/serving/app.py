@@ -60,26 +60,6 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-class Arrivals:
-    """POST requests that have reached the server but not yet the batcher (still uploading, being
-    decoded). The batch window waits only while there are some. Touched on the event loop only;
-    the worker thread just reads the number."""
-
-    def __init__(self):
-        self.count = 0
-
-    def enter(self, state: dict) -> None:
-        state["arriving"] = True
-        self.count += 1
-
-    def leave(self, state: dict) -> None:
-        if state.pop("arriving", False):
-            self.count -= 1
-
-    def __call__(self) -> int:
-        return self.count
-
-
 class RequestGuard:
     """ASGI middleware: body-size limit (checked before the app reads a byte) and one log line per request.
 
@@ -87,10 +67,9 @@ class RequestGuard:
     the same limit; a client that sent `Expect: 100-continue` (curl does for large bodies) is refused
     before it uploads anything."""
 
-    def __init__(self, app, max_body_bytes: int, arrivals: Arrivals | None = None):
+    def __init__(self, app, max_body_bytes: int):
         self.app = app
         self.max_body = max_body_bytes
-        self.arrivals = arrivals
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -104,8 +83,6 @@ class RequestGuard:
                 status["code"] = message["status"]
             await send(message)
 
-        if self.arrivals is not None and scope["method"] == "POST":
-            self.arrivals.enter(scope["state"])
         try:
             headers = dict(scope.get("headers", []))
             declared = _int(headers.get(b"content-length"))
@@ -129,8 +106,6 @@ class RequestGuard:
 
             await self.app(scope, replay, send_logged)
         finally:
-            if self.arrivals is not None:
-                self.arrivals.leave(scope["state"])
             batch = scope["state"].get("batch_size")
             log.info("%s %s %d %.1fms batch=%s", scope["method"], scope["path"], status["code"],
                      (time.perf_counter() - start) * 1000, batch if batch is not None else "-")
@@ -217,9 +192,7 @@ def _text(fields: dict[str, str], name: str, required: bool) -> str | None:
 
 def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     cfg = config or ServeConfig()
-    arrivals = Arrivals()
-    batcher = Batcher(engine.run_group, window_s=cfg.window_ms / 1000.0, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                      arriving=arrivals)
+    batcher = Batcher(engine.run_group, window_s=cfg.window_ms / 1000.0, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     model_ids = [COMPOSED_MODEL] + [n for n in engine.names if n != COMPOSED_MODEL]
     started = int(time.time())
     state = {"shutting_down": False}
@@ -231,10 +204,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         state["shutting_down"] = True
         await run_in_threadpool(batcher.close, 30.0)
 
-    app = FastAPI(title="rsmoe", summary="RS-MoE captioning and VQA", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    # No /docs: FastAPI's Swagger page loads its scripts from a CDN, and this server ships no
+    # page that needs the network. The schema is still at /openapi.json.
+    app = FastAPI(title="rsmoe", summary="RS-MoE captioning and VQA", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.engine, app.state.config = batcher, engine, cfg
-    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes, arrivals=arrivals)
+    app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes)
 
     @app.exception_handler(InputError)
     async def _input_error(request, exc: InputError):
@@ -244,7 +218,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     async def _http_error(request, exc: StarletteHTTPException):
         msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
-            msg = f"no such endpoint {request.method} {request.url.path}: see GET /docs"
+            msg = (f"no such endpoint {request.method} {request.url.path}: the API is /v1/caption, /v1/ask, "
+                   "/v1/chat/completions, /v1/models, /health (schema: GET /openapi.json)")
         elif exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}"
         return _error(exc.status_code, msg)
@@ -259,7 +234,6 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
                                        cfg.max_pixels)
 
     async def generate(request: Request, key, job) -> Done:
-        arrivals.leave(request.scope["state"])  # from here on it is in the batcher's queue
         try:
             fut = batcher.submit(key, job)
         except QueueFull as exc:

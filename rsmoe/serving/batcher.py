@@ -6,9 +6,8 @@
 
 One worker thread owns the model (torch generation is not re-entrant across threads). It blocks
 for a first job, then keeps collecting until `window_s` has passed since that job arrived or
-`max_batch` jobs are waiting. With `arriving` (a callable: how many requests have reached the
-server but not yet the batcher) the window also ends as soon as nobody else is on the way, so a
-lone request does not wait for company that is not coming. The collected jobs are grouped by `key` (jobs of one key can share a
+`max_batch` jobs are waiting. (A lone request therefore waits out the window: the price of
+catching the others of a burst, which reach the server a few ms apart.) The collected jobs are grouped by `key` (jobs of one key can share a
 call: same task, same generation settings) and `run_group(key, payloads) -> results` runs once per
 group. Under load no time is lost: jobs that queued while the previous batch ran are taken at once.
 `max_batch=1` turns batching off (the baseline of bench/serve.py).
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
-POLL_S = 0.002
 
 
 class QueueFull(Exception):
@@ -66,8 +64,7 @@ class BatcherStats:
 
 class Batcher:
     def __init__(self, run_group: Callable[[Hashable, list[Any]], list[Any]], window_s: float = 0.02,
-                 max_batch: int = 8, max_queue: int = 256, arriving: Callable[[], int] | None = None,
-                 name: str = "rsmoe-batcher"):
+                 max_batch: int = 8, max_queue: int = 256, name: str = "rsmoe-batcher"):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if window_s < 0:
@@ -76,7 +73,6 @@ class Batcher:
         self.window_s = window_s
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.arriving = arriving
         self.stats = BatcherStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
@@ -117,13 +113,12 @@ class Batcher:
                 job = self._queue.get_nowait()  # already waiting: no reason to sleep
             except queue.Empty:
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.arriving is not None and self.arriving() <= 0):
+                if left <= 0:
                     break
                 try:
-                    # With `arriving`, look again every POLL_S: the requests on the way may all fail.
-                    job = self._queue.get(timeout=left if self.arriving is None else min(left, POLL_S))
+                    job = self._queue.get(timeout=left)
                 except queue.Empty:
-                    continue
+                    break
             if job is None:
                 stop = True
                 break

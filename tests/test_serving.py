@@ -189,6 +189,23 @@ def test_engine_answers_like_inference_and_experts_can_be_chosen(trained, engine
     assert list(alone[1]["experts"]) == engine.names
 
 
+def test_stage1_model_serves_its_single_expert(run_dirs):
+    from rsmoe.inference import GenerationArgs, answer, caption
+    from rsmoe.serve import load_trained
+    from rsmoe.serving.engine import AnswerJob, CaptionJob, Engine
+
+    t1 = load_trained(run_dirs["stage1"], "cpu")
+    eng = Engine(t1)
+    px = pixels(t1, IMAGES[0])
+    got = eng.caption([CaptionJob(px, "Describe the roads.")], GenerationArgs(CAPTION_TOKENS))[0]
+    ref = caption(t1.model, t1.processor, torch.from_numpy(px[None]), ["Describe the roads."], GenerationArgs(CAPTION_TOKENS))[0]
+    assert got == ref and list(got["experts"]) == ["llm"]
+    q = "How many roads are there?"
+    got = eng.answer([AnswerJob(px, q)], GenerationArgs(ANSWER_TOKENS))[0]
+    ref = answer(t1.model, t1.processor, torch.from_numpy(px[None]), [q], None, GenerationArgs(ANSWER_TOKENS))[0]
+    assert (got["answer"], got["expert"]) == (ref["answer"], "llm")
+
+
 # ---------------------------------------------------------------- the batcher's logic
 
 
@@ -371,6 +388,7 @@ def test_bad_input_matrix(client, caplog):
         ("missing messages", "/v1/chat/completions", dict(json={"model": "rsmoe"}), 400, "missing field 'messages'"),
         ("n > 1", "/v1/chat/completions", dict(json=chat(n=2)), 400, "only n=1"),
         ("unknown endpoint", "/v1/embeddings", dict(json={}), 404, "no such endpoint"),
+        ("question over the length limit", "/v1/ask", up(png, question="Is it? " * 400), 400, "over the limit of 2000"),
     ]
     with caplog.at_level(logging.INFO, logger="rsmoe.serving"):
         for what, path, kw, status, fragment in cases:
@@ -378,6 +396,8 @@ def test_bad_input_matrix(client, caplog):
             assert r.status_code == status, (what, r.status_code, r.text)
             err = r.json()["error"]
             assert fragment in err["message"] and "\n" not in err["message"], (what, err)
+        r = client.get("/v1/caption")
+        assert r.status_code == 405 and r.json()["error"]["message"] == "GET is not allowed on /v1/caption"
         # Chunked upload (no Content-Length) over the limit is cut off too.
         r = client.post("/v1/caption", content=iter([b"\0" * (1024 * 1024)] * 3), headers={"content-type": "application/json"})
         assert r.status_code == 413
@@ -480,6 +500,13 @@ def test_openai_client_against_the_server(server, client, engine):
         "/v1/caption", json={"image": data_url(IMAGES[2]), "instruction": "Describe this image."}).json()["caption"]
     out = oc.chat.completions.create(model="theme", messages=[{"role": "user", "content": [img]}])
     assert out.choices[0].message.content == cap["experts"]["theme"]
+    # rsmoe's own fields ride along in `model_extra`; `extra_body` sends ours (an explicit task).
+    out = oc.chat.completions.create(model="rsmoe", extra_body={"task": "caption"}, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Is it urban?"}, img]}])
+    assert out.model_extra["rsmoe"]["task"] == "caption" and set(out.model_extra["rsmoe"]["experts"]) == set(engine.names)
+    out = oc.chat.completions.create(model="rsmoe", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Is it urban?"}, img]}])
+    assert out.model_extra["rsmoe"]["task"] == "ask" and out.model_extra["rsmoe"]["expert"] == "theme"
     # Streaming: the whole text arrives as chunks, then the finish reason.
     stream = oc.chat.completions.create(model="theme", messages=[{"role": "user", "content": [img]}], stream=True)
     chunks = list(stream)

@@ -118,7 +118,7 @@ def load(url: str, task: str, images: list[bytes], clients: int, requests: int, 
     if errors:
         raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
     ms = np.asarray(lat) * 1000
-    return {"clients": clients, "requests": len(lat), "wall_s": wall, "rps": len(lat) / wall,
+    return {"clients": clients, "requests": len(lat), "wall_s": wall, "rps": len(lat) / wall, "load_avg": os.getloadavg()[0],
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "mean_batch": float(np.mean(batches))}
 
@@ -172,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = ns.max_new_tokens if ns.task == "caption" else ns.vqa_max_new_tokens
     print(f"rsmoe serve load test: {ns.model}, task {ns.task}, max_new_tokens {tokens}, window {ns.window_ms:g} ms")
     print(f"device: {device_line(ns.device)}")
-    print(f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'mean batch':>10}")
+    # The 1-minute load average at the end of each row: above the core count, other processes shared the CPU.
+    print(f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>9} {'p95 ms':>9} "
+          f"{'mean batch':>10} {'load avg':>8}")
     for r in rows:
         print(f"{r['mode']:<10} {r['max_batch']:>9} {r['clients']:>7} {r['requests']:>8} {r['rps']:>8.3f} "
-              f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['mean_batch']:>10.2f}")
+              f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['mean_batch']:>10.2f} {r['load_avg']:>8.1f}")
     top = max(counts)
     get = lambda mode, c: next(r for r in rows if r["mode"] == mode and r["clients"] == c)
     if 1 in counts:

@@ -235,6 +235,34 @@ def test_batcher_groups_by_key_respects_max_batch_and_isolates_failures():
     assert futs[5].result().value == "a:5"
 
 
+def test_a_job_queued_during_a_generation_waits_for_the_peers_that_follow_it():
+    from rsmoe.serving.batcher import Batcher
+
+    gate = threading.Event()
+    calls: list[list] = []
+
+    def run_group(key, payloads):
+        calls.append(list(payloads))
+        if payloads == ["first"]:
+            gate.wait(10)
+        return payloads
+
+    b = Batcher(run_group, window_s=0.3, max_batch=8)
+    try:
+        first = b.submit("k", "first")
+        time.sleep(0.4)  # "first" is generating; "queued" arrives and waits
+        queued = b.submit("k", "queued")
+        time.sleep(0.4)  # longer than the window: measured from its arrival, it would be over
+        gate.set()  # the generation ends; its caller sends its next request a moment later
+        time.sleep(0.05)
+        follower = b.submit("k", "follower")
+        assert queued.result(timeout=5).batch_size == follower.result(timeout=5).batch_size == 2
+        assert first.result().batch_size == 1
+    finally:
+        b.close()
+    assert calls == [["first"], ["queued", "follower"]]
+
+
 def test_batcher_without_batching_skips_cancelled_jobs_and_drains_on_close():
     from rsmoe.serving.batcher import Batcher, Closed, QueueFull
 

@@ -5,8 +5,8 @@
     result = future.result()                   # -> Done(value, batch_size, queue_s, run_s)
 
 One worker thread owns the model (torch generation is not re-entrant across threads). It blocks
-for a first job, then keeps collecting until `window_s` has passed since that job arrived or
-`max_batch` jobs are waiting. (A lone request therefore waits out the window: the price of
+for a first job, then keeps collecting until `window_s` has passed since it started collecting
+or `max_batch` jobs are collected. (A lone request therefore waits out the window: the price of
 catching the others of a burst, which reach the server a few ms apart.) The collected jobs are grouped by `key` (jobs of one key can share a
 call: same task, same generation settings) and `run_group(key, payloads) -> results` runs once per
 group. Under load no time is lost: jobs that queued while the previous batch ran are taken at once.
@@ -107,7 +107,11 @@ class Batcher:
     # ------------------------------------------------------------ worker
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         jobs, stop = [first], False
-        deadline = first.arrived + self.window_s
+        # The window opens when the worker is free, not when `first` arrived: a job that queued during
+        # the previous generation would otherwise run alone, a few ms ahead of the peers that were
+        # answered by that generation and are sending their next requests now (closed-loop clients
+        # then split into alternating small batches for good).
+        deadline = time.monotonic() + self.window_s
         while len(jobs) < self.max_batch:
             try:
                 job = self._queue.get_nowait()  # already waiting: no reason to sleep

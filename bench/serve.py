@@ -82,7 +82,16 @@ class Server:
                 self.proc.wait()
 
 
-def load(url: str, task: str, images: list[bytes], clients: int, requests: int, duration: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def load(url: str, task: str, images: list[bytes], clients: int, requests: int, duration: float, pid: int) -> dict:
     import httpx
 
     issued = iter(range(requests))
@@ -111,16 +120,16 @@ def load(url: str, task: str, images: list[bytes], clients: int, requests: int, 
                     else:
                         errors.append(f"{r.status_code} {r.text[:200]}")
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     if errors:
         raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
     ms = np.asarray(lat) * 1000
     return {"clients": clients, "requests": len(lat), "wall_s": wall, "rps": len(lat) / wall, "load_avg": os.getloadavg()[0],
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "mean_batch": float(np.mean(batches))}
+            "mean_batch": float(np.mean(batches)), "cpu_s_per_request": cpu / max(1, len(lat))}
 
 
 def device_line(device: str) -> str:
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(ns, max_batch)
         try:
             for c in counts:
-                r = load(server.url, ns.task, images, c, ns.requests, ns.duration)
+                r = load(server.url, ns.task, images, c, ns.requests, ns.duration, server.proc.pid)
                 rows.append({"mode": mode, "max_batch": max_batch, **r})
                 print(f"  {mode} c={c}: {r['rps']:.3f} req/s", file=sys.stderr, flush=True)
         finally:
@@ -172,18 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     tokens = ns.max_new_tokens if ns.task == "caption" else ns.vqa_max_new_tokens
     print(f"rsmoe serve load test: {ns.model}, task {ns.task}, max_new_tokens {tokens}, window {ns.window_ms:g} ms")
     print(f"device: {device_line(ns.device)}")
-    # The 1-minute load average at the end of each row: above the core count, other processes shared the CPU.
+    # server CPU s/req: the server process's CPU time per request, which other processes on a shared
+    # machine do not inflate (wall-clock req/s they do). load avg: 1-minute load at the end of the row;
+    # above the core count, other processes shared the CPU during it.
     print(f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>9} {'p95 ms':>9} "
-          f"{'mean batch':>10} {'load avg':>8}")
+          f"{'mean batch':>10} {'server CPU s/req':>16} {'load avg':>8}")
     for r in rows:
         print(f"{r['mode']:<10} {r['max_batch']:>9} {r['clients']:>7} {r['requests']:>8} {r['rps']:>8.3f} "
-              f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['mean_batch']:>10.2f} {r['load_avg']:>8.1f}")
+              f"{r['p50_ms']:>9.0f} {r['p95_ms']:>9.0f} {r['mean_batch']:>10.2f} {r['cpu_s_per_request']:>16.2f} "
+              f"{r['load_avg']:>8.1f}")
     top = max(counts)
     get = lambda mode, c: next(r for r in rows if r["mode"] == mode and r["clients"] == c)
     if 1 in counts:
-        print(f"batched, {top} clients: {get('batched', top)['rps'] / get('batched', 1)['rps']:.2f}x the req/s of one "
-              f"client at a time; {get('batched', top)['rps'] / get('unbatched', top)['rps']:.2f}x the unbatched server "
-              f"at {top} clients")
+        b1, bt, ut = get("batched", 1), get("batched", top), get("unbatched", top)
+        print(f"batched, {top} clients: {bt['rps'] / b1['rps']:.2f}x the req/s of one client at a time; "
+              f"{bt['rps'] / ut['rps']:.2f}x the unbatched server at {top} clients; server CPU per request "
+              f"{b1['cpu_s_per_request'] / bt['cpu_s_per_request']:.2f}x lower than one client at a time")
     if ns.json:
         Path(ns.json).write_text(json.dumps({"args": vars(ns), "device": device_line(ns.device), "rows": rows}, indent=2))
     return 0

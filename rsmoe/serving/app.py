@@ -40,7 +40,7 @@ MAX_TEXT_CHARS = 2000  # instructions and questions; the model reads at most a f
 @dataclass
 class ServeConfig:
     window_ms: float = 20.0
-    """How long the first request of a batch waits for others to join it."""
+    """Once the worker is free and has a request, how long it waits for more to join the batch."""
     max_batch: int = 8
     """Requests per generate call (rows = requests x experts for captions); 1 = batching off."""
     max_queue: int = 256
@@ -55,8 +55,8 @@ class ServeConfig:
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type", 503: "overloaded",
-            504: "timeout"}.get(status)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+            503: "overloaded", 504: "timeout"}.get(status)
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 

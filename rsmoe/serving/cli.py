@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8, help="requests per generate call (default 8; 1 = no batching)")
     g.add_argument("--batch-window-ms", type=float, default=20.0,
-                   help="how long a request waits for others to join its batch (default 20)")
+                   help="once the model is free, how long it waits for more requests to join a batch (default 20; "
+                        "CPU: 100 keeps bursts together at ~1%% of a generation)")
     g.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503 (default 256)")
     g = p.add_argument_group("limits")
     g.add_argument("--request-timeout", type=float, default=120.0,

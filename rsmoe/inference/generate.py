@@ -58,8 +58,9 @@ def _hit_limit(out: torch.Tensor, processor: Processor) -> list[bool]:
     return (~torch.isin(out, stop).any(dim=1)).tolist()
 
 
-def _generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, sequential):
-    """-> (texts, hit_limit) per prompt row."""
+def generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, sequential):
+    """Prompt rows (row i reads prefix[row_sample[i]] with adapter slot slots[i]) -> (texts, hit_limit)
+    per row, in one batched generate (sequential: one call per adapter slot)."""
     ids, mask = processor.generation_rows(prompts)
     dev = prefix.device
     adapter_index = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -111,7 +112,7 @@ def caption(
             prompts.append(p)
             slots.append(slot)
             samples.append(i)
-    texts, cut = _generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
+    texts, cut = generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
     results = []
     k = len(names)
     for i in range(b):
@@ -158,5 +159,5 @@ def answer(
         experts = [processor.router.route_question(q, t) for q, t in zip(questions, types)]
         experts = [e if e in names else names[0] for e in experts]
     slots = [names.index(e) for e in experts]
-    texts, _ = _generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
+    texts, _ = generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
     return [{"answer": t, "expert": e} for t, e in zip(texts, experts)]

@@ -217,6 +217,12 @@ def validate(args: TrainArgs) -> None:
         check_expert_parallel(len(m.experts), args.distributed.ep)
     if args.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"config key 'train.precision': 'auto', 'fp32' or 'bf16', got {args.train.precision!r}")
+    if args.train.loss_normalisation not in ("token", "sample"):
+        raise ConfigError(f"config key 'train.loss_normalisation': 'token' or 'sample', got {args.train.loss_normalisation!r}")
+    if args.data.caption_source not in ("caption", "references"):
+        raise ConfigError(f"config key 'data.caption_source': 'caption' or 'references', got {args.data.caption_source!r}")
+    if args.optim.visual_lr_scale <= 0:
+        raise ConfigError("config key 'optim.visual_lr_scale': must be > 0")
     if m.vision.type not in ("vit", "efficientnet"):
         raise ConfigError(f"config key 'model.vision.type': 'vit' or 'efficientnet', got {m.vision.type!r}")
     if m.router != "template":

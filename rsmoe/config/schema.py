@@ -94,6 +94,9 @@ class DataArgs:
     val_shards: str = "data/shards/sample/val-*.tar"
     num_workers: int = 0
     shuffle_buffer: int = 200
+    caption_source: str = "caption"
+    """'caption': train on each sample's caption; 'references': on one of its human references, drawn per
+    step (UCM/Sydney/RSICD have 5 per image: 5x the caption text; Stage II splits the one drawn)."""
     vqa_prob: float = 0.0
     """Probability that a sample with QA trains one question: Stage I instead of its caption; Stage II
     in addition to its sub-captions, on the expert the router picks (keeps the experts answering)."""
@@ -110,6 +113,9 @@ class OptimArgs:
     """Cosine decay ends at lr * min_lr_ratio."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 = off)."""
+    visual_lr_scale: float = 1.0
+    """Learning rate of the visual side (Q-Former, queries, projection) = lr x this; the adapters use lr.
+    A Q-Former initialised from a text BERT and a fresh projection start far from where they must go."""
 
 
 @dataclass
@@ -126,6 +132,9 @@ class TrainLoopArgs:
     """Write sample generations to TensorBoard every N steps (0 = only at the end)."""
     num_eval_samples: int = 4
     max_new_tokens: int = 48
+    loss_normalisation: str = "token"
+    """'token': each expert's loss is the mean over all its target tokens in the batch (a 200-word caption
+    outweighs a 10-word one 20 to 1); 'sample': each sample's mean token loss, then the mean over samples."""
     nan_tolerance: int = 3
     """Stop after this many consecutive non-finite losses (each is skipped with a warning)."""
     stop_after_steps: int = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rsmoe.data.splitter import split_caption
 from rsmoe.models.router import TemplateRouter
 
 # RSICap's instruction templates: Stage I sees them all, so the LLM Block follows any of them.
@@ -40,6 +41,9 @@ class Processor:
     max_prompt_len: int = 48
     max_target_len: int = 96
     max_instruction_len: int = 32
+    caption_source: str = "caption"
+    """'caption': train on each sample's caption (and its parts); 'references': on one of its human
+    references drawn per step (UCM-style datasets have 5 per image; parts split from the one drawn)."""
 
     def __post_init__(self) -> None:
         self.router = TemplateRouter(self.experts)
@@ -85,6 +89,17 @@ class Processor:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     # ------------------------------------------------------------ training inputs
+    def target_for(self, batch: dict, i: int, rng: random.Random) -> tuple[str, dict]:
+        """(caption, parts) that sample i trains on this step."""
+        caption, parts = batch["caption"][i], batch["parts"][i] or {}
+        if self.caption_source == "references":
+            refs = batch.get("references", [[]] * len(batch["caption"]))[i]
+            if len(refs) > 1:
+                choice = rng.choice(refs)
+                if choice.strip() != caption.strip():
+                    caption, parts = choice, split_caption(choice)
+        return caption, parts
+
     def instruction_for(self, batch: dict, i: int, rng: random.Random) -> str:
         given = batch.get("instruction", [None] * len(batch["caption"]))[i]
         return given or rng.choice(CAPTION_INSTRUCTIONS)
@@ -99,7 +114,7 @@ class Processor:
                 rows.append((instr, str(item["answer"])))
             else:
                 instr = self.instruction_for(batch, i, rng)
-                rows.append((instr, caption))
+                rows.append((instr, self.target_for(batch, i, rng)[0]))
             instructions.append(instr)
         out = self._pad_right(self._encode_rows(rows))
         out["adapter_index"] = torch.zeros(len(rows), dtype=torch.long)
@@ -127,7 +142,7 @@ class Processor:
             instructions.append(instr)
             visual_index.append(i)
             prompts = self.router.caption_prompts(instr)
-            parts = batch["parts"][i] or {}
+            parts = self.target_for(batch, i, rng)[1]
             for slot, eid in enumerate(expert_ids):
                 target = parts.get(self.experts[eid], "").strip()
                 if not target:

@@ -100,6 +100,9 @@ class RSMoE(nn.Module):
         self.visual = visual
         self.experts = experts
         self.expert_names = list(expert_names)
+        # Per-sample loss: each row's (a sample's target for one expert) mean token loss, then the mean over
+        # the expert's rows; False: the mean over all of the expert's target tokens (long captions weigh more).
+        self.loss_per_sample = False
         # Optional replacement for `self.visual(...)` in training forwards, called as
         # prefix_fn(visual, pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image). Expert
         # parallelism sets one that splits the frozen visual work over the ranks sharing a batch.
@@ -153,9 +156,15 @@ class RSMoE(nn.Module):
             prefix = self.visual(*v_in) if self.prefix_fn is None else self.prefix_fn(self.visual, *v_in)
         row_loss, row_tokens = self.experts(prefix[row_sample], input_ids, attention_mask, labels, adapter_index)
         n = len(self.experts.expert_ids)
-        tok = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype).index_add(0, adapter_index, row_tokens.to(row_loss.dtype))
-        summed = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype).index_add(0, adapter_index, row_loss)
-        expert_loss = summed / tok.clamp(min=1)
+        zeros = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype)
+        tok = zeros.index_add(0, adapter_index, row_tokens.to(row_loss.dtype))
+        summed = zeros.index_add(0, adapter_index, row_loss)
+        if self.loss_per_sample:
+            has = (row_tokens > 0).to(row_loss.dtype)
+            row_mean = row_loss / row_tokens.clamp(min=1).to(row_loss.dtype)
+            expert_loss = zeros.index_add(0, adapter_index, row_mean) / zeros.index_add(0, adapter_index, has).clamp(min=1)
+        else:
+            expert_loss = summed / tok.clamp(min=1)
         # Sum (not mean) over experts: each adapter's gradient is that of its own loss, whatever the layout.
         loss = expert_loss.sum()
         return {"loss": loss, "expert_loss": expert_loss.detach(), "expert_loss_sum": summed.detach(),

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def build_processor(args: TrainArgs, llm_tok, q_tok) -> Processor:
     m = args.model
-    return Processor(llm_tok, q_tok, m.experts, m.max_prompt_len, m.max_target_len, m.qformer.max_instruction_len)
+    return Processor(llm_tok, q_tok, m.experts, m.max_prompt_len, m.max_target_len, m.qformer.max_instruction_len,
+                     caption_source=args.data.caption_source)
 
 
 def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:
@@ -29,6 +30,7 @@ def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, P
     if args.stage == 2:
         model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)
         model.to_stage2(local_ids, args.seed, args.model.experts, train_qformer=args.model.train_qformer_stage2)
+    model.loss_per_sample = args.train.loss_normalisation == "sample"
     return model, build_processor(args, llm_tok, q_tok), local_ids
 
 

@@ -202,7 +202,20 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return fn
 
 
-def build_optimizer(params: list[torch.nn.Parameter], args: TrainArgs):
+def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+    """The trainable parameters; with optim.visual_lr_scale != 1, two groups: the visual side (Q-Former,
+    query tokens, projection) at lr x scale, and the rest (the LoRA adapters) at lr."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scale = args.optim.visual_lr_scale
+    if scale == 1.0:
+        return [p for _, p in trainable]
+    visual = [p for n, p in trainable if n.startswith("visual.")]
+    rest = [p for n, p in trainable if not n.startswith("visual.")]
+    # The adapters' group first: metrics log group 0's learning rate as optim/lr.
+    return [{"params": g, "lr": args.optim.lr * s} for g, s in ((rest, 1.0), (visual, scale)) if g]
+
+
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], args: TrainArgs):
     o = args.optim
     # torch's fused AdamW: one multi-threaded kernel, nothing to JIT-compile. On CPU it matters too: under
     # ZeRO the optimizer sees one flat fp32 partition, and the unfused step's full-size temporaries cost
@@ -222,7 +235,7 @@ def build_engine(model: torch.nn.Module, args: TrainArgs, layout: ParallelLayout
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: every parameter is frozen")
-    opt, sched = build_optimizer(params, args)
+    opt, sched = build_optimizer(param_groups(model, args), args)
     # DeepSpeed keeps the mpu in a process global that a later initialize() would inherit: always pass one.
     zero = cfg["zero_optimization"]
     if zero.get("stage") == 3:

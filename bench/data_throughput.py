@@ -15,9 +15,7 @@ a training epoch). Builds the bundled sample shards in a temporary folder unless
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,30 +24,12 @@ from types import ModuleType
 
 import numpy as np
 
+from git_baseline import module_at  # bench/git_baseline.py (this script's folder is on sys.path)
 from rsmoe.data import loader as current
 from rsmoe.data.sample import build_sample_shards, sample_root
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_baseline(rev: str, tmp: Path) -> ModuleType:
-    """rsmoe/data/loader.py at ``rev`` as a module of its own (the tree keeps no copy of it)."""
-    try:
-        src = subprocess.run(["git", "show", f"{rev}:rsmoe/data/loader.py"], cwd=REPO, check=True,
-                             capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        sys.exit(f"data_throughput: cannot read the baseline loader at {rev} from git ({e}); "
-                 "run from a git checkout that has this commit, or pass --baseline-rev")
-    name = f"rsmoe_loader_{rev}"
-    path = tmp / f"{name}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # DataLoader workers look classes up by module name
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def bench_raw(size: int, batch_size: int, n_images: int) -> float:
@@ -93,7 +73,7 @@ def main() -> None:
     a = p.parse_args()
     n_images = a.batches * a.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = load_baseline(a.baseline_rev, Path(tmp))
+        baseline = module_at(a.baseline_rev, "rsmoe/data/loader.py", "data_throughput")
         if a.shards:
             shards = a.shards
         else:

@@ -24,27 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import types
 from collections import Counter
 from pathlib import Path
 
+from git_baseline import module_at  # bench/git_baseline.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("theme", "objects", "relations")
 SPLITS = ("dev", "holdout", "fresh", "fresh2")
-
-
-def load_old(rev: str) -> types.ModuleType:
-    try:
-        src = subprocess.run(["git", "show", f"{rev}:rsmoe/data/splitter.py"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        sys.exit(f"cannot read rsmoe/data/splitter.py at {rev} from git ({e}); pass --old-rev with a commit "
-                 "that has it, in a git checkout.")
-    mod = types.ModuleType(f"splitter_{rev}")
-    exec(compile(src, f"{rev}:rsmoe/data/splitter.py", "exec"), mod.__dict__)
-    return mod
 
 
 def load_fixture(path: Path) -> list[dict]:
@@ -133,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from rsmoe.data import splitter as new
 
-    old = load_old(args.old_rev)
+    old = module_at(args.old_rev, "rsmoe/data/splitter.py", "splitter_agreement")
     caps = load_fixture(args.fixture)
     n_sent = sum(len(c["sentences"]) for c in caps)
     n_amb = sum(s["label"] == "ambiguous" for c in caps for s in c["sentences"])

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port, run
+from tests.helpers import REPO, fixed_stage2_batch, free_port, random_adapters, run
 
 ON_CPU = os.environ.get("RSMOE_GPU_TIER_ON_CPU") == "1"
 DEVICE = "cpu" if ON_CPU else "cuda"
@@ -67,20 +67,6 @@ def test_both_stages_train_on_the_gpu_close_to_the_cpu_fp32_run(sample_shards, t
     assert (gpu / "s2" / "final" / "adapters" / "relations" / "adapter_model.safetensors").exists()
 
 
-def _fixed_batch(g: torch.Generator, b: int = 2, e: int = 3) -> dict:
-    inputs = {
-        "pixel_values": torch.randn(b, 3, 64, 64, generator=g),
-        "qformer_input_ids": torch.randint(5, 100, (b, 6), generator=g),
-        "qformer_attention_mask": torch.ones(b, 6, dtype=torch.long),
-        "input_ids": torch.randint(5, 100, (b * e, 10), generator=g),
-        "attention_mask": torch.ones(b * e, 10, dtype=torch.long),
-        "adapter_index": torch.arange(e).repeat(b),
-        "row_sample": torch.arange(b).repeat_interleave(e),
-    }
-    inputs["labels"] = inputs["input_ids"].clone()
-    return inputs
-
-
 def _stage2_model():
     from rsmoe.config import load_config
     from rsmoe.models.build import build_model
@@ -102,7 +88,7 @@ def _plain_torch_adapters(steps: int) -> list[torch.Tensor]:
     params = model.experts.lora_parameters()
     opt, sched = build_optimizer(params, args)
     g = torch.Generator().manual_seed(3)
-    inputs = {k: v.to(DEVICE) for k, v in _fixed_batch(g).items()}
+    inputs = {k: v.to(DEVICE) for k, v in fixed_stage2_batch(g).items()}
     for _ in range(steps):
         model(**inputs)["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, args.optim.clip_grad)
@@ -129,7 +115,7 @@ def _deepspeed_adapters(zero: int, steps: int) -> list[torch.Tensor]:
         model, args = _stage2_model()
         engine, _ = build_engine(model, args, layout, load_ds_json(os.path.join(REPO, "ds_configs", f"zero{zero}.json")))
         g = torch.Generator().manual_seed(3)
-        inputs = {k: v.to(engine.device) for k, v in _fixed_batch(g).items()}
+        inputs = {k: v.to(engine.device) for k, v in fixed_stage2_batch(g).items()}
         for _ in range(steps):
             out = engine(**inputs)
             engine.backward(out["loss"])
@@ -166,10 +152,7 @@ def _random_adapter_model(dtype: torch.dtype, attn: str = "sdpa"):
     args = load_config("tiny", [f"model.llm.attn_implementation={attn}"])
     model, llm_tok, q_tok = build_model(args.model, seed=0)
     model.to_stage2([0, 1, 2], 0, args.model.experts)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.experts.lora_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    random_adapters(model)
     return model.to(DEVICE, dtype).eval(), build_processor(args, llm_tok, q_tok)
 
 
@@ -191,7 +174,7 @@ def test_attention_kernels_give_the_same_logits(other):
     if other == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed (pip install -e .[gpu])")
     dtype = torch.float32 if ON_CPU else torch.bfloat16
-    inputs = {k: v.to(DEVICE) for k, v in _fixed_batch(torch.Generator().manual_seed(4)).items()}
+    inputs = {k: v.to(DEVICE) for k, v in fixed_stage2_batch(torch.Generator().manual_seed(4)).items()}
     outs = []
     for attn in ("sdpa", other):
         model, _ = _random_adapter_model(dtype, attn)

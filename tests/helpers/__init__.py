@@ -213,3 +213,30 @@ def eval_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("rsmoe.eval.run") is not None
+
+
+# ---------------------------------------------------------------- small models and batches
+
+
+def random_adapters(model, seed: int = 1, scale: float = 0.2):
+    """Give every expert a non-trivial adapter (a fresh one's B is zero, so every expert would agree)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.experts.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def fixed_stage2_batch(g: torch.Generator, b: int = 2, e: int = 3, image: int = 64) -> dict:
+    """A tiny-preset Stage II batch of random ids: b images, one row per (image, expert), full masks."""
+    inputs = {
+        "pixel_values": torch.randn(b, 3, image, image, generator=g),
+        "qformer_input_ids": torch.randint(5, 100, (b, 6), generator=g),
+        "qformer_attention_mask": torch.ones(b, 6, dtype=torch.long),
+        "input_ids": torch.randint(5, 100, (b * e, 10), generator=g),
+        "attention_mask": torch.ones(b * e, 10, dtype=torch.long),
+        "adapter_index": torch.arange(e).repeat(b),
+        "row_sample": torch.arange(b).repeat_interleave(e),
+    }
+    inputs["labels"] = inputs["input_ids"].clone()
+    return inputs

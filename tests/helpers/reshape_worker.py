@@ -42,11 +42,11 @@ def dump_state(engine) -> dict:
 
 def load_and_dump(args):
     """Build the run's engine, restore its latest tag (reshaping if needed), dump the state on every rank."""
-    from rsmoe.training.checkpointer import CheckpointManager
     from rsmoe.distributed.env import init_distributed
     from rsmoe.distributed.layout import ParallelLayout
-    from rsmoe.training.engine import build_engine, load_ds_json
     from rsmoe.training.builders import build_stage_model
+    from rsmoe.training.checkpointer import CheckpointManager
+    from rsmoe.training.engine import build_engine, load_ds_json
 
     info = init_distributed()
     layout = ParallelLayout(len(args.model.experts), 1, info.world_size, info.rank)

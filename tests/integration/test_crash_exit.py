@@ -8,7 +8,14 @@ import uuid
 
 import pytest
 
-from tests.helpers import kill_group, rsmoe_cmd, start, tagged_processes, torchrun_cmd, wait_for_line
+from tests.helpers import (
+    kill_group,
+    rsmoe_cmd,
+    start,
+    tagged_processes,
+    torchrun_cmd,
+    wait_for_line,
+)
 
 
 @pytest.mark.parametrize("ranks,workers", [(1, 1), (1, 2), (2, 1), (2, 2)])

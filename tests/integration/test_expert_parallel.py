@@ -25,11 +25,9 @@ import pytest
 import torch
 from peft.utils import load_peft_weights
 
-from tests.helpers import REPO, free_port
-from tests.helpers import launch
-
 from rsmoe.config import load_config
 from rsmoe.distributed.layout import ParallelLayout
+from tests.helpers import REPO, free_port, launch
 
 RTOL = 1e-5
 CLIP = 0.05  # the tiny model's first-step grad norms are ~2: every step clips
@@ -77,8 +75,8 @@ def launch_stage2(overrides: list[str], run_dir: Path, ds_json: str, nproc: int,
 def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None = None) -> dict:
     """One process holding every expert, replaying dp data shards. `clip_blocks`: clip each block of
     experts by its own norm instead of the global one (what a rank-local clip would do)."""
-    from rsmoe.training.engine import build_optimizer
     from rsmoe.training.builders import build_stage_model, build_train_loader
+    from rsmoe.training.engine import build_optimizer
 
     args = load_config("tiny", overrides)
     n = len(args.model.experts)
@@ -183,11 +181,11 @@ def test_ep2_dp1_zero3_equals_one_process_and_generates(sample_shards, stage1, t
 def test_ep2_dp1_zero2_resumed_equals_one_process_and_loads_in_one_process(sample_shards, stage1, tmp_path):
     """Stopped after 2 of 4 steps and resumed with ep=2: every step (and the end) equals one uninterrupted
     process. The experts, each written by the rank holding it, load into one single-process model."""
-    from rsmoe.io.model_dir import load_finished_stage
     from rsmoe.config import GenerationArgs
-    from rsmoe.inference.generate import caption
-    from rsmoe.models.build import build_model
     from rsmoe.data.processor import Processor
+    from rsmoe.inference.generate import caption
+    from rsmoe.io.model_dir import load_finished_stage
+    from rsmoe.models.build import build_model
 
     ov = stage2_overrides(sample_shards, stage1, TWO, steps=4)
     run = tmp_path / "ep2"

@@ -12,11 +12,22 @@ import time
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port
-from tests.helpers import (adapter, checkpoint_tensors, kill_group, rows, rsmoe_cmd, run, same_tensors, start, torchrun_cmd,
-                      wait_for_line)
 from rsmoe.io.checkpoints import COMPLETE
 from rsmoe.training.checkpointer import CheckpointManager
+from tests.helpers import (
+    REPO,
+    adapter,
+    checkpoint_tensors,
+    free_port,
+    kill_group,
+    rows,
+    rsmoe_cmd,
+    run,
+    same_tensors,
+    start,
+    torchrun_cmd,
+    wait_for_line,
+)
 
 
 def test_sigkill_two_ranks_mid_checkpoint_then_same_command_resumes_exactly(sample_shards, tmp_path):
@@ -78,8 +89,8 @@ def test_two_ranks_nan_on_one_rank_is_skipped_on_both_then_tolerance_halts(sampl
 def test_killed_mid_export_final_is_refused_then_the_same_command_rewrites_it(sample_shards, tmp_path):
     """A run dying while it writes final/ (visual weights and config on disk, INCOMPLETE still there) leaves
     a directory that Stage II, export and the launchers refuse; the same command writes it again."""
-    from rsmoe.io.model_dir import INCOMPLETE, IncompleteModelDir, stage1_dir
     from rsmoe.io.export import ExportError, locate
+    from rsmoe.io.model_dir import INCOMPLETE, IncompleteModelDir, stage1_dir
 
     run_dir = tmp_path / "run"
     common = ["--config", "tiny", f"data.train_shards={sample_shards['train']}", "train.steps=4", "checkpoint.every=2",

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
-from tests.helpers import SCRUB, eval_available, metric_steps, wait_until
+from tests.helpers import REPO, SCRUB, eval_available, metric_steps, wait_until
 
 SCRIPTS = sorted(
     [p for d in ("launchers", "slurm") for p in (Path(REPO) / d).iterdir() if p.suffix in (".sh", ".sbatch")]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, free_port
-from tests.helpers.reshape_worker import common, load_and_dump
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed
+from tests.helpers import REPO, free_port
+from tests.helpers.reshape_worker import common, load_and_dump
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

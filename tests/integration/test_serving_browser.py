@@ -10,8 +10,15 @@ import tempfile
 
 import pytest
 
-from tests.helpers.serving import (IMAGES, ServerThread, data_url, engine_fixture, run_dirs_fixture,  # noqa: F401
-                                   serve_config, trained_fixture)
+from tests.helpers.serving import (  # noqa: F401
+    IMAGES,
+    ServerThread,
+    data_url,
+    engine_fixture,
+    run_dirs_fixture,
+    serve_config,
+    trained_fixture,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):

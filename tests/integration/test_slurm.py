@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, SCRUB, eval_available, free_port, metric_steps, wait_until
+from tests.helpers import (
+    REPO,
+    SCRUB,
+    eval_available,
+    free_port,
+    metric_steps,
+    wait_until,
+)
 
 FAKE = Path(REPO) / "tests" / "fake_slurm"
 

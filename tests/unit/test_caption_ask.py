@@ -70,8 +70,8 @@ def test_caption_cli_matches_eval_on_the_same_image(run_dirs, sample_shards, tmp
 
 
 def test_batched_experts_equal_experts_in_turn_greedy_and_beam(trained):
-    from rsmoe.config import GenerationArgs
     from rsmoe.cli.caption import caption_images
+    from rsmoe.config import GenerationArgs
 
     paths = [IMAGE, os.path.join(REPO, "data", "sample", "ucm_captions", "images", "1010.png")]
     for gen in (GenerationArgs(max_new_tokens=8), GenerationArgs(max_new_tokens=8, num_beams=2, repetition_penalty=1.3)):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rsmoe.config import ConfigError, dump_config, from_dict, load_config, resolve_preset
+from rsmoe.config import (
+    ConfigError,
+    dump_config,
+    from_dict,
+    load_config,
+    resolve_preset,
+)
 
 
 def test_defaults_preset_and_override_precedence(tmp_path):

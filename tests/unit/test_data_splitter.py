@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 from rsmoe.data.rsvqa_captions import parts_to_caption, qa_to_parts
-from rsmoe.data.splitter import classify_sentence, normalise_caption, split_caption, split_sentences
+from rsmoe.data.splitter import (
+    classify_sentence,
+    normalise_caption,
+    split_caption,
+    split_sentences,
+)
 
 PARTS = ("theme", "objects", "relations")
 FIXTURE = Path(__file__).parents[1] / "data/splitter/rsicap_style.jsonl"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsmoe.eval import bootstrap_ci, bootstrap_mean_ci, rsvqa_average_ci, vqa_accuracy, vqa_intervals
+from rsmoe.eval import (
+    bootstrap_ci,
+    bootstrap_mean_ci,
+    rsvqa_average_ci,
+    vqa_accuracy,
+    vqa_intervals,
+)
 
 
 def test_mean_interval_contains_point_and_is_seeded():

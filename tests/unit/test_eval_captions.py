@@ -6,7 +6,12 @@ import shutil
 
 import pytest
 
-from rsmoe.eval import caption_intervals, java_status, score_captions, simple_ptb_tokenize
+from rsmoe.eval import (
+    caption_intervals,
+    java_status,
+    score_captions,
+    simple_ptb_tokenize,
+)
 from rsmoe.eval.bootstrap import bootstrap_bleu_ci, cider_on_subset
 from rsmoe.eval.caption_metrics import bleu_from_statistics
 

@@ -7,7 +7,12 @@ from collections import Counter
 
 import pytest
 
-from rsmoe.eval.class_mention import UCM_SYNONYMS, class_mention, first_class_mentioned, table_for
+from rsmoe.eval.class_mention import (
+    UCM_SYNONYMS,
+    class_mention,
+    first_class_mentioned,
+    table_for,
+)
 
 
 @pytest.mark.parametrize(

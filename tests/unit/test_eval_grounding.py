@@ -9,9 +9,20 @@ import json
 import numpy as np
 import pytest
 
-from rsmoe.eval.bootstrap import caption_intervals, paired_caption_intervals, paired_cluster_intervals
+from rsmoe.eval.bootstrap import (
+    caption_intervals,
+    paired_caption_intervals,
+    paired_cluster_intervals,
+)
 from rsmoe.eval.caption_metrics import score_captions
-from rsmoe.eval.grounding import BLIND, USES, WORSE, derangement, distinct_share, verdict
+from rsmoe.eval.grounding import (
+    BLIND,
+    USES,
+    WORSE,
+    derangement,
+    distinct_share,
+    verdict,
+)
 
 
 def test_derangement_keeps_datasets_and_moves_every_image():

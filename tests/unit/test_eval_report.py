@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from rsmoe.eval import caption_intervals, caption_section, score_captions, vqa_accuracy, vqa_section, write_report
+from rsmoe.eval import (
+    caption_intervals,
+    caption_section,
+    score_captions,
+    vqa_accuracy,
+    vqa_section,
+    write_report,
+)
 
 
 def _png() -> bytes | None:

@@ -77,8 +77,8 @@ def test_eval_writes_every_metric_and_every_expert_text(run_dirs, sample_shards,
 
 
 def test_limit_takes_the_first_samples_in_shard_order(run_dirs, sample_shards, tmp_path):
-    from rsmoe.eval.run import evaluate, scan_keys
     from rsmoe.data.loader import expand_shards
+    from rsmoe.eval.run import evaluate, scan_keys
 
     res = evaluate(_opts(model=str(run_dirs["stage1"]), shards=sample_shards["val"], out=str(tmp_path), limit=5,
                          task="caption", bootstrap=0, thumbnails=False))
@@ -118,10 +118,10 @@ SYNTHETIC = {
 
 
 def test_vqa_scores_match_a_hand_computation(run_dirs, tmp_path, monkeypatch):
-    from rsmoe.inference import generate as inference
     from rsmoe.data.schema import Sample
     from rsmoe.data.shards import write_shards
     from rsmoe.eval.run import evaluate
+    from rsmoe.inference import generate as inference
 
     samples = []
     for ds, rows in SYNTHETIC.items():

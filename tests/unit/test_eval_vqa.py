@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from rsmoe.eval import canonical_type, count_bucket, normalize_answer, rsvqa_protocol, vqa_accuracy
+from rsmoe.eval import (
+    canonical_type,
+    count_bucket,
+    normalize_answer,
+    rsvqa_protocol,
+    vqa_accuracy,
+)
 
 
 @pytest.mark.parametrize(

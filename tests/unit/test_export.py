@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, free_port
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed
 from rsmoe.io.adapters import read_adapter
 from rsmoe.io.export import ExportError, export_run
-from rsmoe.training.state import TrainState
 from rsmoe.models.multi_lora import adapters_active
+from rsmoe.training.state import TrainState
+from tests.helpers import REPO, free_port
 
 EXPERTS = ("theme", "objects", "relations")
 
@@ -49,10 +49,11 @@ def runs(tmp_path_factory, sample_shards) -> dict[str, Path]:
 
 def _trained_model(final: Path, stage: int):
     """The model as training left it: rebuilt from the config and the final/ directory train.py wrote."""
+    import yaml
+
     from rsmoe.config import from_dict
     from rsmoe.io.model_dir import load_finished_stage
     from rsmoe.models.build import build_model
-    import yaml
 
     args = from_dict(yaml.safe_load((final / "config.yaml").read_text()))
     assert args.stage == stage
@@ -163,14 +164,16 @@ def test_export_from_checkpoint_tags_equals_export_from_final(runs):
 
 def test_per_expert_engine_folders_export_each_adapter(runs, tmp_path):
     """A tag with one engine folder per expert (expert-parallel layout): each adapter lands in its slot."""
-    from rsmoe.training.checkpointer import CheckpointManager
+    import shutil
+
+    import yaml
+
     from rsmoe.config import from_dict
     from rsmoe.distributed.env import init_distributed
     from rsmoe.distributed.layout import ParallelLayout
-    from rsmoe.training.engine import build_engine, load_ds_json
     from rsmoe.models.build import build_model
-    import shutil
-    import yaml
+    from rsmoe.training.checkpointer import CheckpointManager
+    from rsmoe.training.engine import build_engine, load_ds_json
 
     run = tmp_path / "ep_run"
     run.mkdir()
@@ -230,8 +233,9 @@ def _peft_with_all_experts(ex: Path):
 def test_merged_exports_are_peft_merge_and_unload(runs):
     """merged/<e> is peft's merge_and_unload of base + adapter, and equals W + B·A·alpha/r computed from the
     training model's own adapter slots (an independent fp32 computation)."""
-    from rsmoe.io.adapters import merged_model
     from transformers import AutoModelForCausalLM
+
+    from rsmoe.io.adapters import merged_model
 
     ex = runs["export"]
     model, *_ = _trained_model(runs["stage2"] / "final", stage=2)
@@ -324,7 +328,13 @@ def test_export_loads_in_plain_transformers_4_and_5(runs, sample_shards, tmp_pat
     give the training model's numbers, under the pinned transformers 5.x and under a 4.x venv."""
     import sys
 
-    from tests.helpers.export_check import TF4_ENV, assert_loads, run_check, tf4_python, write_reference
+    from tests.helpers.export_check import (
+        TF4_ENV,
+        assert_loads,
+        run_check,
+        tf4_python,
+        write_reference,
+    )
 
     python = sys.executable if transformers_major == 5 else tf4_python()
     if python is None:

@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, free_port
 from rsmoe.config import load_config, read_config
 from rsmoe.distributed.env import shutdown_distributed
 from rsmoe.io.export import export_run
+from tests.helpers import REPO, free_port
 
 pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -100,10 +100,10 @@ def test_changed_frozen_buffer_stops_a_tag_export(runs, away, monkeypatch):
 
 
 def test_stage2_run_evaluates_and_captions_from_another_cwd(runs, away, sample_shards):
+    from rsmoe.config import GenerationArgs
     from rsmoe.eval.run import settings_for
     from rsmoe.inference.generate import caption
     from rsmoe.inference.load import load_trained, read_image
-    from rsmoe.config import GenerationArgs
 
     trained = load_trained(runs["s2"], device="cpu", dtype="fp32")
     image = next(Path(REPO, "data", "sample").rglob("*.png"), None) or next(Path(REPO, "data", "sample").rglob("*.jp*g"))
@@ -143,7 +143,13 @@ def test_efficientnet_export_rebuilds_in_plain_transformers(runs, away, sample_s
 
     from rsmoe.data.loader import build_loader
     from rsmoe.inference.load import load_trained
-    from tests.helpers.export_check import TF4_ENV, assert_loads, run_check, tf4_python, write_reference
+    from tests.helpers.export_check import (
+        TF4_ENV,
+        assert_loads,
+        run_check,
+        tf4_python,
+        write_reference,
+    )
 
     python = sys.executable if transformers_major == 5 else tf4_python()
     if python is None:

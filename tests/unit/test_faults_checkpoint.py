@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import adapter
 from rsmoe import cli
-from rsmoe.io.checkpoints import COMPLETE
-from rsmoe.training.checkpointer import CheckpointManager
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed
+from rsmoe.io.checkpoints import COMPLETE
 from rsmoe.io.safe_load import UnsafeCheckpointError, restricted_unpickling
+from rsmoe.training.checkpointer import CheckpointManager
 from rsmoe.training.loop import train
+from tests.helpers import adapter
 
 
 class Evil:

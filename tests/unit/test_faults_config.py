@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tests.helpers import REPO
 from rsmoe import cli
+from tests.helpers import REPO
 
 
 @pytest.fixture

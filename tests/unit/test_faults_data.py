@@ -10,11 +10,9 @@ import os
 import tarfile
 from pathlib import Path
 
-
-from tests.helpers import REPO
-from tests.helpers import rows
 from rsmoe import cli
 from rsmoe.data import loader as loader_mod
+from tests.helpers import REPO, rows
 
 REASONS = ("corrupt_image", "missing_image", "bad_json", "invalid_record", "empty_caption", "truncated_tar",
            "unreadable_shard")

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from tests.helpers import checkpoint_tensors, rows, same_tensors
 from rsmoe import cli
 from rsmoe.config import load_config
 from rsmoe.distributed.env import shutdown_distributed
 from rsmoe.training.loop import train
+from tests.helpers import checkpoint_tensors, rows, same_tensors
 
 
 def _train(overrides: list[str]) -> dict:

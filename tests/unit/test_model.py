@@ -8,13 +8,14 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from rsmoe.config import load_config
+from rsmoe.data.processor import Processor
 from rsmoe.inference.generate import caption
 from rsmoe.io.adapters import save_expert_adapter
 from rsmoe.models.build import build_model
 from rsmoe.models.compose import compose_caption
-from rsmoe.models.router import TemplateRouter
 from rsmoe.models.multi_lora import adapters_active
-from rsmoe.data.processor import Processor
+from rsmoe.models.router import TemplateRouter
+from tests.helpers import random_adapters
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,7 @@ def stage2_model():
     args = load_config("tiny")
     model, llm_tok, q_tok = build_model(args.model, seed=0)
     model.to_stage2([0, 1, 2], 0, args.model.experts)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-trivial adapters (B starts at zero)
-        for p in model.experts.lora_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    random_adapters(model)
     proc = Processor(llm_tok, q_tok, args.model.experts, 40, 48, 24)
     return model.eval(), proc
 
@@ -236,7 +234,11 @@ def test_projection_reinit_warning_only_when_building_to_train(tmp_path, caplog)
     model to train it; builds that load a trained stage over it (fresh=False: eval, caption, export) stay quiet."""
     import logging
 
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
+    from transformers import (
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        LlamaConfig,
+    )
 
     text = LlamaConfig(vocab_size=1500, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2)

@@ -6,21 +6,22 @@ from __future__ import annotations
 import torch
 
 from rsmoe.config import load_config
-from rsmoe.training.engine import build_ds_config, mark_frozen_resident_leaves, resident_parameters
 from rsmoe.models.build import build_model
 from rsmoe.models.experts import is_right_padded
 from rsmoe.models.multi_lora import MultiLoRALinear
+from rsmoe.training.engine import (
+    build_ds_config,
+    mark_frozen_resident_leaves,
+    resident_parameters,
+)
+from tests.helpers import fixed_stage2_batch, random_adapters
 
 
 def _stage2_model(overrides: list[str] | None = None):
     args = load_config("tiny", overrides or [])
     model, _, _ = build_model(args.model, seed=0)
     model.to_stage2([0, 1, 2], 0, args.model.experts)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-trivial adapters (B starts at zero)
-        for p in model.experts.lora_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return random_adapters(model)
 
 
 def test_dense_multi_adapter_lora_equals_per_row_formula():
@@ -128,18 +129,7 @@ def _train_adapters(ds_json: str, steps: int = 3) -> list[torch.Tensor]:
         layout.build_groups()
         model = _stage2_model()
         engine, _ = build_engine(model, args, layout, load_ds_json(ds_json))
-        g = torch.Generator().manual_seed(3)
-        b, e = 2, 3
-        inputs = {
-            "pixel_values": torch.randn(b, 3, 64, 64, generator=g),
-            "qformer_input_ids": torch.randint(5, 100, (b, 6), generator=g),
-            "qformer_attention_mask": torch.ones(b, 6, dtype=torch.long),
-            "input_ids": torch.randint(5, 100, (b * e, 10), generator=g),
-            "attention_mask": torch.ones(b * e, 10, dtype=torch.long),
-            "adapter_index": torch.arange(e).repeat(b),
-            "row_sample": torch.arange(b).repeat_interleave(e),
-        }
-        inputs["labels"] = inputs["input_ids"].clone()
+        inputs = fixed_stage2_batch(torch.Generator().manual_seed(3))
         for _ in range(steps):
             out = engine(**inputs)
             engine.backward(out["loss"])

@@ -17,8 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from tests.helpers.serving import (ANSWER_TOKENS, CAPTION_TOKENS, IMAGES, ServerThread, data_url, pixels, read,
-                                   serve_config)
+
+from tests.helpers.serving import (
+    ANSWER_TOKENS,
+    CAPTION_TOKENS,
+    IMAGES,
+    ServerThread,
+    data_url,
+    pixels,
+    read,
+    serve_config,
+)
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -r requirements-serve.txt")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed: pip install -r requirements-serve.txt")

@@ -73,9 +73,9 @@ def test_stage2_without_stage1_is_a_clear_error(tiny_overrides, tmp_path, dist_e
 
 def test_loss_falls_on_a_fixed_batch(sample_shards, dist_env):
     from rsmoe.data.loader import build_loader
+    from rsmoe.data.processor import Processor
     from rsmoe.distributed.env import init_distributed
     from rsmoe.training.engine import build_engine, load_ds_json
-    from rsmoe.data.processor import Processor
 
     args = load_config("tiny", ["optim.lr=1e-2", "optim.warmup_steps=0", "train.steps=50", "optim.min_lr_ratio=1.0", "stage=2"])
     init_distributed()

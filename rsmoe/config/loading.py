@@ -179,6 +179,12 @@ def validate(args: TrainArgs) -> None:
     for k in ("steps", "micro_batch_size", "grad_accum"):
         if getattr(args.train, k) < 1:
             raise ConfigError(f"config key 'train.{k}': must be >= 1")
+    if args.data.feature_cache is False:  # YAML reads a bare `off` as false
+        args.data.feature_cache = "off"
+    if args.data.feature_cache is True or args.data.feature_cache.strip() == "":
+        raise ConfigError(f"config key 'data.feature_cache': 'off', 'memory' or a directory, got {args.data.feature_cache!r}")
+    if args.data.feature_cache != "off" and not args.data.feature_cache_gb > 0:
+        raise ConfigError(f"config key 'data.feature_cache_gb': must be > 0, got {args.data.feature_cache_gb}")
     if m.qformer.num_query_tokens < 1:
         raise ConfigError("config key 'model.qformer.num_query_tokens': must be >= 1")
 

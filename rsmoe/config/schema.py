@@ -97,6 +97,16 @@ class DataArgs:
     vqa_prob: float = 0.0
     """Probability that a sample with QA trains one question: Stage I instead of its caption; Stage II
     in addition to its sub-captions, on the expert the router picks (keeps the experts answering)."""
+    feature_cache: str | bool = "off"
+    """Keep what the frozen visual side computed, so later epochs skip it: 'off', 'memory' (this process's
+    host RAM) or a directory (shared by the ranks and runs that point at it; use node-local disk, e.g.
+    '$SLURM_TMPDIR/rsmoe-cache'). Stage I caches the vision encoder's tokens per image, Stage II the visual
+    prefix per (image, instruction); keys cover the weights, preprocessing and instruction (rsmoe.io.feature_cache).
+    YAML's `off`/`false` mean 'off'. Off by default: it pays only from the second pass over an image, and it costs memory or disk that
+    the user must size (RS-MoE-1B, bf16: 0.70 MiB per image for ViT-g tokens, 0.125 MiB per prefix)."""
+    feature_cache_gb: float = 16.0
+    """Size limit of the feature cache in GiB: per process for 'memory', for the whole directory otherwise.
+    When reached, new entries are not stored (no eviction); the run goes on computing them."""
 
 
 @dataclass

@@ -78,11 +78,24 @@ class VisualPrefix(nn.Module):
         """One prefix per instruction row. `image_index` (P,) names each row's image in `pixel_values`
         (several instructions about one image: the frozen encoder still sees that image once);
         None = row i reads image i."""
+        return self.from_image_embeds(self.encode(pixel_values), input_ids, attention_mask, image_index)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen vision encoder's tokens (B, T, D), without autograd state."""
         self.vision.eval()  # frozen: no dropout, running stats untouched
         with torch.no_grad():
-            image_embeds = self.vision(pixel_values.to(self.proj.weight.dtype))
-            if image_index is not None:
-                image_embeds = image_embeds[image_index]
+            return self.vision(pixel_values.to(self.proj.weight.dtype))
+
+    def from_image_embeds(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Q-Former + projection on encoder tokens (`encode`'s output; a feature cache may supply them)."""
+        if image_index is not None:
+            image_embeds = image_embeds[image_index]
         if not self.trainable():
             # Stage II: the prefix is a constant of (image, instruction); computed once per sample
             # (rows index into it) and with no autograd bookkeeping.

@@ -23,6 +23,7 @@ from rsmoe.distributed.env import device_type, init_distributed
 from rsmoe.distributed.expert_parallel import ExpertParallel
 from rsmoe.distributed.layout import ParallelLayout
 from rsmoe.io import model_dir
+from rsmoe.io.feature_cache import feature_cache_metrics  # perf (issue 18): feature cache hits in metrics.jsonl
 from rsmoe.logs import setup_logging
 from rsmoe.testing import faults
 from rsmoe.training import preemption
@@ -157,6 +158,7 @@ def train(args: TrainArgs) -> dict:
                 "memory/peak_gib": peak_memory_gib(),
                 "optim/skipped_steps": guard.skipped,
                 **{f"data/{k}": v for k, v in global_data_stats(loader, data_group).items()},
+                **feature_cache_metrics(engine.module, data_group),  # perf (issue 18); {} when data.feature_cache=off
             })
         pbar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in last.items()})
         pbar.update(1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rsmoe.distributed.env import shutdown_distributed
 from rsmoe.io import feature_cache as fc
 from rsmoe.models.build import build_model
 from rsmoe.training.loop import train
+from tests.helpers import few_sample_shard
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "ab" * 32
@@ -35,18 +35,7 @@ IMAGES = sorted((REPO / "data" / "sample" / "ucm_captions" / "images").glob("*.p
 @pytest.fixture(scope="module")
 def three_sample_shard(sample_shards, tmp_path_factory) -> str:
     """A shard of the first 3 training samples: 8 steps of 2 see every image ~5 times."""
-    out = tmp_path_factory.mktemp("three") / "train-000000.tar"
-    src = sorted(Path(sample_shards["dir"]).glob("train-*.tar"))[0]
-    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
-        keys: list[str] = []
-        for m in tin.getmembers():
-            key = m.name.split(".", 1)[0]
-            if key not in keys:
-                if len(keys) == 3:
-                    break
-                keys.append(key)
-            tout.addfile(m, tin.extractfile(m))
-    return str(out)
+    return few_sample_shard(sample_shards["dir"], tmp_path_factory.mktemp("three") / "train-000000.tar", 3)
 
 
 def _train(shard: str, run: Path, stage: int, cache: str, init: Path | None = None) -> list[dict]:

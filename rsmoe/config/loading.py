@@ -176,7 +176,7 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError(f"config key 'model.vision.type': 'vit' or 'efficientnet', got {m.vision.type!r}")
     if m.router != "template":
         raise ConfigError(f"config key 'model.router': only 'template' is available, got {m.router!r}")
-    for k in ("steps", "micro_batch_size", "grad_accum"):
+    for k in ("steps", "micro_batch_size", "grad_accum", "length_groups"):
         if getattr(args.train, k) < 1:
             raise ConfigError(f"config key 'train.{k}': must be >= 1")
     if args.data.feature_cache is False:  # YAML reads a bare `off` as false

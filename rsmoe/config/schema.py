@@ -103,7 +103,7 @@ class DataArgs:
     '$SLURM_TMPDIR/rsmoe-cache'). Stage I caches the vision encoder's tokens per image, Stage II the visual
     prefix per (image, instruction); keys cover the weights, preprocessing and instruction (rsmoe.io.feature_cache).
     YAML's `off`/`false` mean 'off'. Off by default: it pays only from the second pass over an image, and it costs memory or disk that
-    the user must size (RS-MoE-1B, bf16: 0.70 MiB per image for ViT-g tokens, 0.125 MiB per prefix)."""
+    the user must size (RS-MoE-1B, bf16: 0.69 MiB per image for the ViT-g tokens, 0.125 MiB per prefix)."""
     feature_cache_gb: float = 16.0
     """Size limit of the feature cache in GiB: per process for 'memory', for the whole directory otherwise.
     When reached, new entries are not stored (no eviction); the run goes on computing them."""
@@ -136,6 +136,12 @@ class TrainLoopArgs:
     """Write sample generations to TensorBoard every N steps (0 = only at the end)."""
     num_eval_samples: int = 4
     max_new_tokens: int = 48
+    length_groups: int = 1
+    """Run each micro-batch's LLM rows as this many sub-batches of similar length, each padded only to its
+    own longest row (1 = one batch padded to the batch's longest row). Same loss (each row's loss is the
+    same function of its tokens; float rounding aside), fewer padded positions computed: bench/padding.py
+    measures the share on your data. Capped at the rows every rank is sure to have (Stage I: the micro
+    batch; Stage II: the experts on the rank), so every rank makes the same number of LLM calls (ZeRO-3)."""
     nan_tolerance: int = 3
     """Stop after this many consecutive non-finite losses (each is skipped with a warning)."""
     stop_after_steps: int = 0

@@ -151,6 +151,7 @@ class MemoryStore:
         self.nbytes = 0
         self.stats = StoreStats()
         self._entries: dict[str, torch.Tensor] = {}
+        self.by_namespace: dict[str, tuple[int, int]] = {}  # namespace -> (entries, bytes)
         self._warned_full = False
 
     def __len__(self) -> int:
@@ -172,6 +173,8 @@ class MemoryStore:
             return False
         self._entries[key] = value.detach().to("cpu").clone()  # clone: never keep a whole batch alive
         self.nbytes += size
+        n, b = self.by_namespace.get(namespace, (0, 0))
+        self.by_namespace[namespace] = (n + 1, b + size)
         self.stats.stored += 1
         return True
 

@@ -117,6 +117,8 @@ class RSMoE(nn.Module):
         # prefix_fn(visual, pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image). Expert
         # parallelism sets one that splits the frozen visual work over the ranks sharing a batch.
         self.prefix_fn: Callable[..., torch.Tensor] | None = None
+        # Training rows run as this many sub-batches of similar length (train.length_groups; 1 = one batch).
+        self.length_groups = 1
 
     # ------------------------------------------------------------ stages
     def trainable_stage1(self) -> None:
@@ -163,7 +165,8 @@ class RSMoE(nn.Module):
         if prefix is None:
             v_in = (pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
             prefix = self.visual(*v_in) if self.prefix_fn is None else self.prefix_fn(self.visual, *v_in)
-        row_loss, row_tokens = self.experts(prefix[row_sample], input_ids, attention_mask, labels, adapter_index)
+        row_loss, row_tokens = self.experts.forward_by_length(prefix[row_sample], input_ids, attention_mask, labels,
+                                                              adapter_index, self.length_groups)
         n = len(self.experts.expert_ids)
         tok = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype).index_add(0, adapter_index, row_tokens.to(row_loss.dtype))
         summed = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype).index_add(0, adapter_index, row_loss)

@@ -32,6 +32,12 @@ def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, P
         model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)
         model.to_stage2(local_ids, args.seed, args.model.experts, train_qformer=args.model.train_qformer_stage2)
     attach_feature_cache(model, args.data.feature_cache, args.data.feature_cache_gb)
+    # Rows every rank is sure to have: Stage I one per sample; Stage II at least one per local expert.
+    sure_rows = args.train.micro_batch_size if args.stage == 1 else len(local_ids)
+    model.length_groups = min(args.train.length_groups, sure_rows)
+    if model.length_groups < args.train.length_groups:
+        log.info("train.length_groups=%d capped at %d (the rows every rank is sure to have)", args.train.length_groups,
+                 model.length_groups)
     return model, build_processor(args, llm_tok, q_tok), local_ids
 
 

@@ -1,11 +1,13 @@
 """Performance changes keep the maths: dense multi-adapter LoRA, causal-only mask for right padding,
-gradient checkpointing with adapters, and ZeRO-3's residency rule (same adapters as ZeRO-2)."""
+gradient checkpointing with adapters, ZeRO-3's residency rule (same adapters as ZeRO-2), and
+length-aware batching (same row losses and gradients; the split that pads least)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from rsmoe.config import load_config
+from rsmoe.config import ConfigError, load_config
 from rsmoe.training.engine import build_ds_config, mark_frozen_resident_leaves, resident_parameters
 from rsmoe.models.build import build_model
 from rsmoe.models.experts import is_right_padded
@@ -220,3 +222,16 @@ def test_length_groups_give_the_same_row_losses_and_adapter_gradients():
     out3 = model(**inputs)
     torch.testing.assert_close(out3["expert_loss"], out1["expert_loss"], rtol=1e-5, atol=1e-6)
     assert torch.equal(out3["expert_tokens"], out1["expert_tokens"])
+
+
+def test_length_groups_are_capped_at_the_rows_every_rank_has():
+    from rsmoe.distributed.layout import ParallelLayout
+    from rsmoe.training.builders import build_stage_model
+
+    args = load_config("tiny", ["train.length_groups=4", "train.micro_batch_size=2"])
+    model, _, _ = build_stage_model(args, ParallelLayout(n_experts=3, ep=1, world_size=1, rank=0))
+    assert model.length_groups == 2  # Stage I: one row per sample
+    args = load_config("tiny", ["train.length_groups=2"])
+    assert build_stage_model(args, ParallelLayout(n_experts=3, ep=1, world_size=1, rank=0))[0].length_groups == 2
+    with pytest.raises(ConfigError, match="train.length_groups"):
+        load_config("tiny", ["train.length_groups=0"])

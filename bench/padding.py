@@ -2,6 +2,7 @@
 
     python bench/padding.py                                  # demo preset tokenizers, padding share only
     python bench/padding.py --time 12 --groups 1 2 3         # + training-step CPU time on the demo model
+    python bench/padding.py --set train.micro_batch_size=16  # another batch size (any dotted override)
 
 Reads the bundled sample (the shards `rsmoe prepare` builds; made in a temporary folder when
 `--shards` is not given), turns batches into training rows exactly as the loop does (Processor,
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N training steps per k on the preset's model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.micro_batch_size=16")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. --set train.micro_batch_size=16")
     a = p.parse_args(argv)
     tmp = None
     shards = a.shards

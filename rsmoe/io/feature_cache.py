@@ -34,10 +34,11 @@ directory starts with every image's encoder tokens.
 **Stores.** `MemoryStore`: per process, host memory, no eviction: when `max_bytes` is reached new entries
 are not stored (counted as `full`; with uniform sampling a full cache keeps a fixed share of hits, where
 LRU would thrash). `DiskStore`: `<dir>/<namespace[:16]>/<key[:2]>/<key>.fc`, one file per entry, shared by
-every rank and run that points at it. A write goes to a temporary name in the same directory, is fsync'd
-and renamed into place, so a reader never sees half an entry, and a run killed mid-write leaves only a
-temporary file (never read; swept after an hour). Every read checks the magic, the key, the length and a
-crc32 of the payload; a bad entry is deleted, counted as `corrupt` and recomputed. Two writers of one entry
+every rank and run that points at it. A write goes to a temporary name in the same directory and is
+renamed into place once whole, so a reader never sees half an entry, and a run killed mid-write leaves
+only a temporary file (never read; swept after an hour). Every read checks the magic, the key, the length
+and a crc32 of the payload; a bad entry (a disk error, or a power cut after the rename but before the data
+reached the disk: entries are not fsync'd, see `DiskStore`) is deleted, counted as `corrupt` and recomputed. Two writers of one entry
 write identical bytes and the last rename wins. `max_bytes` bounds the whole directory (every
 namespace): measured at start and every `RESCAN_EVERY` writes, plus this process's own writes, so
 concurrent writers overshoot by at most RESCAN_EVERY entries each.
@@ -189,9 +190,13 @@ class DiskStore:
 
     kind = "disk"
 
-    def __init__(self, root: str | Path, max_bytes: int, namespaces: tuple[str, ...] = ()):
-        """`namespaces`: this run's (to tell its entries from others' in the start-up log line)."""
+    def __init__(self, root: str | Path, max_bytes: int, namespaces: tuple[str, ...] = (), fsync: bool = False):
+        """`namespaces`: this run's (to tell its entries from others' in the start-up log line). `fsync`:
+        flush each entry to the disk before its rename. Off by default: it protects against losing entries
+        in a power cut, not against reading a bad one (a crash can leave a renamed file with missing data,
+        which the read-time checksum rejects), and it costs ~3 ms per entry (bench/feature_cache_io.py)."""
         self.root = Path(root)
+        self.fsync = fsync
         self.max_bytes = max_bytes
         self.stats = StoreStats()
         self._writes_since_scan = 0
@@ -266,8 +271,9 @@ class DiskStore:
         tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, p)
         self.nbytes += len(data)
         self.stats.stored += 1

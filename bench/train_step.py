@@ -7,15 +7,23 @@
 Every configuration runs in its own child process (clean peak memory, clean DeepSpeed state) on
 random weights with the real shapes. Rows of the table:
 
-* ``baseline``: plain transformers + peft, as people write it without rsmoe. An InstructBLIP-style
-  model (frozen ViT under no_grad -> Q-Former -> projection -> ``get_peft_model(LlamaForCausalLM)``
-  with LoRA on the FFN, HF's own ``labels=`` loss). Stage I = one copy; Stage II = one full model
-  copy per expert, the experts run in turn (forward, backward, optimizer step each). torch AdamW
-  (fused, as rsmoe's), gradient clipping 1.0.
+* ``copies`` (Stage II; ``impl=baseline``): plain transformers + peft with one full model copy per expert
+  (each its own frozen ViT under no_grad -> Q-Former -> projection -> ``get_peft_model(LlamaForCausalLM)``
+  with LoRA on the FFN, HF's own ``labels=`` loss), the copies in turn (forward, backward, optimizer
+  step each). Nobody who knows peft writes this; it is kept as the earlier reference.
+* ``peft`` (``impl=fair``; in Stage I the one-model baseline): what a peft user writes. Stage II: ONE frozen
+  base with E named adapters (``get_peft_model(..., adapter_name=)`` + ``add_adapter``), the experts in turn
+  (``set_adapter``, forward, backward), the frozen visual prefix computed once per sample under no_grad and
+  reused for every expert, one fused AdamW over all adapters, one global clip (1.0) and step: the same
+  optimisation as rsmoe's summed loss. Same precision and optimizer as rsmoe.
 * ``rsmoe``: ``build_model`` -> (Stage II: ``to_stage2``) -> one step through plain torch
   (``--zero none``) or a one-rank DeepSpeed engine from ``rsmoe.training.engine.build_engine`` with
   ``ds_configs/zero2.json`` / ``zero3.json``. Stage II runs all experts as rows of one batched
   forward over one frozen base, the visual prefix computed once per sample.
+* ``+cache`` (``--cache``): frozen features not recomputed. rsmoe: its real feature cache
+  (``data.feature_cache=memory``; the warm-up steps fill it, every timed step hits, as from the second
+  epoch; hashing and lookups are in the time). peft: the frozen features precomputed once (Stage I the
+  encoder tokens, Stage II the prefix): an ideal cache that costs nothing per step.
 
 Samples are images: a Stage II sample trains every expert once (one row per expert).
 
@@ -33,12 +41,14 @@ Per LLM row of S = Q + L_text positions, T_t target tokens (the rows are B in St
   attention core:   fwd 2*L*S^2*d (causal half of QK^T and AV), bwd 2x fwd     = 6*L*S^2*d
   LoRA (own adapter): per adapted (in, out): fwd 2*r*(in+out)*S, x3 with bwd = 6*r*(in+out)*S
   LM head (frozen, target positions only): 4*d*V*T_t
++cache rows are credited without the frozen work they take from the cache (Stage I: vision; Stage II: the
+whole visual side), so their TFLOP/s is what they compute, not the work they skip.
 P_* count the matmul weights of the transformer layers (embeddings are lookups). Achieved TFLOP/s =
 model FLOPs / step time; the ceiling is a big matmul measured in the same run, in the runs'
 precision (bf16 8192^3 on GPU; on CPU, fp32 by default, the best of 1024^3 and 2048^3 over 3 rounds). These formulas reproduce docs/design.md §7's anchors (70.1 samples/s ->
 ~76 TFLOP/s for the 1-expert step).
 
-Options: --zero none/2/3 (several), --precision auto/fp32/bf16, --grad-ckpt, --attn sdpa/flash_attention_2
+Options: --zero none/2/3 (several), --cache, --precision auto/fp32/bf16, --grad-ckpt, --attn sdpa/flash_attention_2
 (flash only if installed), --profile [STAGE:ZERO ...] (torch.profiler top ops of rsmoe runs; default Stage II),
 --lora-micro (multi-adapter LoRA implementations on one FFN layer). No assertion on time.
 """
@@ -265,11 +275,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt: bool, attn: str, dev):
-    """Returns (step_fn, info). step_fn() runs one forward + backward + optimizer step."""
+def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt: bool, attn: str, dev, cache: bool = False):
+    """Returns (step_fn, info). step_fn() runs one forward + backward + optimizer step. `cache`: rsmoe's
+    feature cache (memory store, as `data.feature_cache=memory`); the warm-up steps fill it, so every timed
+    step hits (the steady state from the second epoch), hashing and lookups included."""
     import torch
 
     from rsmoe.config import TrainArgs
+    from rsmoe.io.feature_cache import attach_feature_cache
     from rsmoe.models.build import build_model
 
     m = rsmoe_model_args(s, grad_ckpt, attn)
@@ -283,6 +296,8 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     inputs = make_inputs(s, stage, dev)
     info = {}
+    if cache:
+        info["_cache"] = attach_feature_cache(model, "memory", 1024.0)
     if zero == "none":
         from rsmoe.training.engine import build_optimizer
 
@@ -333,14 +348,14 @@ def build_rsmoe_step(s: Shape, stage: int, zero: str, precision: str, grad_ckpt:
 # ---------------------------------------------------------------- baseline (transformers + peft)
 
 
-def build_baseline_step(s: Shape, stage: int, precision: str, grad_ckpt: bool, attn: str, dev):
+def _plain_blip(s: Shape, dtype, attn: str, grad_ckpt: bool, adapters: list[str], dev):
+    """InstructBLIP-style model in plain transformers + peft: frozen ViT -> Q-Former -> projection ->
+    Llama with LoRA on the FFN, one peft adapter per name in `adapters` (named adapters on ONE base)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch import nn
     from transformers import (InstructBlipQFormerConfig, InstructBlipQFormerModel, InstructBlipVisionConfig,
                               InstructBlipVisionModel, LlamaConfig, LlamaForCausalLM)
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     class PlainBlipLM(nn.Module):
         def __init__(self):
@@ -361,47 +376,116 @@ def build_baseline_step(s: Shape, stage: int, precision: str, grad_ckpt: bool, a
             if grad_ckpt:
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 llm.enable_input_require_grads()
-            self.llm = get_peft_model(llm, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.0,
-                                                      target_modules=list(s.lora_targets)))
+            lora = dict(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.0, target_modules=list(s.lora_targets))
+            self.llm = get_peft_model(llm, LoraConfig(**lora), adapter_name=adapters[0])
+            for name in adapters[1:]:
+                self.llm.add_adapter(name, LoraConfig(**lora))
 
-        def forward(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, labels):
+        def image_tokens(self, pixel_values):
             with torch.no_grad():
-                img = self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state
+                return self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+        def prefix(self, img, qformer_input_ids, qformer_attention_mask):
             b, q = img.shape[0], s.queries
             mask = torch.cat([qformer_attention_mask.new_ones(b, q), qformer_attention_mask], 1)
             qo = self.qformer(input_ids=qformer_input_ids, attention_mask=mask, query_embeds=self.query_tokens.expand(b, -1, -1),
                               encoder_hidden_states=img).last_hidden_state[:, :q]
-            prefix = self.proj(qo)
+            return self.proj(qo)
+
+        def lm_loss(self, prefix, input_ids, attention_mask, labels):
+            b, q = prefix.shape[:2]
             embeds = torch.cat([prefix, self.llm.get_input_embeddings()(input_ids)], 1)
             full_mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], 1)
             full_labels = torch.cat([labels.new_full((b, q), -100), labels], 1)
             return self.llm(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels).loss
 
+        def forward(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask, labels):
+            img = self.image_tokens(pixel_values)
+            return self.lm_loss(self.prefix(img, qformer_input_ids, qformer_attention_mask), input_ids, attention_mask, labels)
+
+    with torch.device(dev):
+        mdl = PlainBlipLM()
+    return mdl.to(dev, dtype)
+
+
+def _baseline_inputs(s: Shape, dev) -> dict:
+    inp = make_inputs(s, 1, dev)  # every expert sees all B samples with its own sub-caption
+    return {k: v for k, v in inp.items() if k not in ("adapter_index", "row_sample")}
+
+
+def build_baseline_step(s: Shape, stage: int, precision: str, grad_ckpt: bool, attn: str, dev, cache: bool = False):
+    """Stage I: one model. Stage II: one full model copy per expert, the copies in turn (as before).
+    `cache` (Stage I only): the encoder tokens computed once at build time and reused every step."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     copies = s.experts if stage == 2 else 1
     torch.manual_seed(0)
     models, opts = [], []
     for _ in range(copies):
-        with torch.device(dev):
-            mdl = PlainBlipLM()
-        mdl = mdl.to(dev, dtype)
+        mdl = _plain_blip(s, dtype, attn, grad_ckpt, ["default"], dev)
         if stage == 2:  # Stage II: only the expert's LoRA trains
             for n, p in mdl.named_parameters():
                 p.requires_grad_("lora_" in n)
         params = [p for p in mdl.parameters() if p.requires_grad]
         opts.append((params, torch.optim.AdamW(params, lr=1e-4, fused=True)))  # same optimizer as rsmoe's
         models.append(mdl.train())
-    inp = make_inputs(s, 1, dev)  # every copy sees all B samples with its own sub-caption
-    inp = {k: v for k, v in inp.items() if k not in ("adapter_index", "row_sample")}
+    inp = _baseline_inputs(s, dev)
+    img = models[0].image_tokens(inp["pixel_values"]) if cache else None
 
     def step():
         total = 0.0  # summed over the copies, as rsmoe's loss sums its experts' losses
         for mdl, (params, opt) in zip(models, opts):
-            loss = mdl(**inp)
+            if img is None:
+                loss = mdl(**inp)
+            else:
+                prefix = mdl.prefix(img, inp["qformer_input_ids"], inp["qformer_attention_mask"])
+                loss = mdl.lm_loss(prefix, inp["input_ids"], inp["attention_mask"], inp["labels"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             total = total + loss.detach()
+        return total
+
+    return step, {}
+
+
+def build_fair_step(s: Shape, precision: str, grad_ckpt: bool, attn: str, dev, cache: bool = False):
+    """Stage II as a peft user writes it: ONE frozen base with E named adapters (`add_adapter`), the experts
+    in turn (`set_adapter`), the frozen visual prefix computed once per sample (no_grad) and reused for
+    every expert; one fused AdamW over all adapters, one global clip and step (as rsmoe: summed loss).
+    `cache`: the prefix computed once at build time (an ideal, cost-free feature cache: every step a hit)."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    names = [f"expert{i}" for i in range(s.experts)]
+    torch.manual_seed(0)
+    mdl = _plain_blip(s, dtype, attn, grad_ckpt, names, dev).train()
+    for n, p in mdl.named_parameters():
+        p.requires_grad_("lora_" in n)
+    params = [p for p in mdl.parameters() if p.requires_grad]
+    assert len(params) == 2 * len(names) * s.layers * len(s.lora_targets), len(params)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    inp = _baseline_inputs(s, dev)
+
+    def visual_prefix():
+        with torch.no_grad():
+            return mdl.prefix(mdl.image_tokens(inp["pixel_values"]), inp["qformer_input_ids"], inp["qformer_attention_mask"])
+
+    cached = visual_prefix() if cache else None
+
+    def step():
+        prefix = cached if cached is not None else visual_prefix()
+        total = 0.0
+        for name in names:
+            mdl.llm.set_adapter(name)  # peft: this adapter active (and trainable), the others off
+            loss = mdl.lm_loss(prefix, inp["input_ids"], inp["attention_mask"], inp["labels"])
+            loss.backward()
+            total = total + loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return total
 
     return step, {}
@@ -429,10 +513,13 @@ def run_child(spec: dict) -> dict:
         if not is_flash_attn_2_available():
             attn = "sdpa"
     torch.manual_seed(0)
+    cache = spec.get("cache", False)
     if spec["impl"] == "baseline":
-        step, info = build_baseline_step(s, spec["stage"], precision, spec["grad_ckpt"], attn, dev)
+        step, info = build_baseline_step(s, spec["stage"], precision, spec["grad_ckpt"], attn, dev, cache)
+    elif spec["impl"] == "fair":
+        step, info = build_fair_step(s, precision, spec["grad_ckpt"], attn, dev, cache)
     else:
-        step, info = build_rsmoe_step(s, spec["stage"], spec["zero"], precision, spec["grad_ckpt"], attn, dev)
+        step, info = build_rsmoe_step(s, spec["stage"], spec["zero"], precision, spec["grad_ckpt"], attn, dev, cache)
     for _ in range(spec["warmup"]):
         loss = step()
     _sync(dev)
@@ -460,12 +547,19 @@ def run_child(spec: dict) -> dict:
         except Exception as exc:  # noqa: BLE001
             profile = f"profiler failed: {type(exc).__name__}: {exc}"
     mem, mem_kind = peak_gib(dev)
+    fcache = info.pop("_cache", None)
+    if fcache is not None:  # what the cache holds per image / per prefix, and this run's hits
+        sizes = {("encoder" if ns == fcache.encoder_ns else "prefix"): b / n / 2**20 for ns, (n, b) in fcache.store.by_namespace.items()}
+        info["cache_mib_per_entry"] = sizes
+        info["cache_stats"] = fcache.stats()
     # Median wall time. On CPU the primary figure is the process's CPU time per step at one thread:
     # on a shared machine wall time also measures the neighbours, CPU time measures our work.
     wall_s = sorted(times)[len(times) // 2]
     cpu_s = sorted(cpu)[len(cpu) // 2]
     step_s = wall_s if dev.type == "cuda" else cpu_s
     fl = model_flops(s, spec["stage"])
+    if spec.get("cache"):  # credited only with what it still computes: the cached frozen parts are not counted
+        fl["total"] -= fl["vision"] + (fl["visual_rest"] if spec["stage"] == 2 else 0)
     out = {
         **spec, "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": precision, "attn": attn, "step_s": step_s, "wall_s": wall_s, "cpu_s": cpu_s,
@@ -557,37 +651,75 @@ def plan(a) -> list[dict]:
     runs = []
     for stage in a.stages:
         if not a.no_baseline:
+            # Stage I: one model (copies == the fair peft baseline); Stage II: E copies, then one base + E named adapters.
             runs.append({**base, "impl": "baseline", "stage": stage, "zero": "-"})
-        for z in (a.stage1_zero or a.zero) if stage == 1 else a.zero:
+            if stage == 2:
+                runs.append({**base, "impl": "fair", "stage": stage, "zero": "-"})
+            if a.cache:
+                runs.append({**base, "impl": "baseline" if stage == 1 else "fair", "stage": stage, "zero": "-", "cache": True})
+        zeros = (a.stage1_zero or a.zero) if stage == 1 else a.zero
+        for z in zeros:
             wanted = f"{stage}:{z}" in a.profile if a.profile else (a.profile == [] and stage == 2 and z == a.zero[0])
             runs.append({**base, "impl": "rsmoe", "stage": stage, "zero": z, "profile": bool(wanted)})
+        if a.cache:
+            runs.append({**base, "impl": "rsmoe", "stage": stage, "zero": zeros[0], "cache": True})
     return runs
 
 
+def label(r: dict) -> str:
+    """copies = one full model per expert (Stage II); peft = the fair baseline (one base, named adapters; in
+    Stage I the one model); +cache = frozen features cached (rsmoe: the real cache; peft: precomputed)."""
+    name = {"baseline": "copies" if r["stage"] == 2 else "peft", "fair": "peft", "rsmoe": "rsmoe"}[r["impl"]]
+    return name + ("+cache" if r.get("cache") else "")
+
+
 def print_table(results: list[dict], ceiling: float, ceiling_what: str) -> None:
-    hdr = f"{'impl':9} {'stage':5} {'zero':6} {'s/step':>8} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>9}  loss (sum over experts)"
+    hdr = f"{'impl':12} {'stage':5} {'zero':6} {'s/step':>8} {'wall s':>8} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'%ceil':>6} {'peak GiB':>9}  loss (sum over experts)"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         if "error" in r:
-            print(f"{r['impl']:9} {r['stage']:<5} {r['zero']:6} ERROR {r['error']}")
+            print(f"{label(r):12} {r['stage']:<5} {r['zero']:6} ERROR {r['error']}")
             continue
-        print(f"{r['impl']:9} {r['stage']:<5} {r['zero']:6} {r['step_s']:8.3f} {r['wall_s']:8.3f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:10.0f} "
+        print(f"{label(r):12} {r['stage']:<5} {r['zero']:6} {r['step_s']:8.3f} {r['wall_s']:8.3f} {r['samples_per_s']:10.2f} {r['tokens_per_s']:10.0f} "
               f"{r['tflops']:8.3f} {100 * r['tflops'] / ceiling:5.1f}% {r['peak_gib']:9.2f}  {r['loss']:.3f}")
     ok = [r for r in results if "error" not in r]
     print(f"\ns/step: {ok[0]['timing'] if ok else '-'} (median); wall s: median wall time; "
           f"ceiling: {ceiling:.3f} TFLOP/s ({ceiling_what}, same run); peak memory: {ok[0]['peak_kind'] if ok else '-'}")
+    print("copies: one full model per expert, in turn; peft: one frozen base + named adapters (set_adapter), the visual "
+          "prefix once per sample; +cache: frozen features from a cache (rsmoe: data.feature_cache=memory, all hits; "
+          "peft: precomputed once)")
     for stage in sorted({r["stage"] for r in ok}):
-        base = next((r for r in ok if r["stage"] == stage and r["impl"] == "baseline"), None)
-        ours = [r for r in ok if r["stage"] == stage and r["impl"] == "rsmoe"]
-        for r in ours:
-            if base:
-                print(f"stage {stage}: rsmoe zero={r['zero']} vs baseline: {r['samples_per_s'] / base['samples_per_s']:.2f}x samples/s, "
-                      f"{r['peak_gib'] / base['peak_gib']:.2f}x peak memory")
-        z2 = next((r for r in ours if r["zero"] == "2"), None)
-        for z3 in (r for r in ours if r["zero"].startswith("3")):
-            if z2:
-                print(f"stage {stage}: ZeRO-{z3['zero']} step / ZeRO-2 step = {z3['step_s'] / z2['step_s']:.2f}")
+        rows = {(label(r), r["zero"]): r for r in ok if r["stage"] == stage}
+        peft = {c: rows.get((f"peft{c}", "-")) for c in ("", "+cache")}
+        copies = rows.get(("copies", "-"))
+        for (name, zero), r in rows.items():
+            if not name.startswith("rsmoe"):
+                continue
+            c = "+cache" if name.endswith("+cache") else ""
+            parts = []
+            if peft[c]:
+                parts.append(f"vs peft{c} {r['samples_per_s'] / peft[c]['samples_per_s']:.2f}x samples/s, "
+                             f"{r['peak_gib'] / peft[c]['peak_gib']:.2f}x memory")
+            if copies and not c:
+                parts.append(f"vs copies {r['samples_per_s'] / copies['samples_per_s']:.2f}x samples/s, "
+                             f"{r['peak_gib'] / copies['peak_gib']:.2f}x memory")
+            if c and (name[:-6], zero) in rows:
+                parts.append(f"cache speed-up {rows[(name[:-6], zero)]['step_s'] / r['step_s']:.2f}x")
+            if parts:
+                print(f"stage {stage}: {name} zero={zero}: " + "; ".join(parts))
+        if peft[""] and peft["+cache"]:
+            print(f"stage {stage}: peft cache speed-up {peft['']['step_s'] / peft['+cache']['step_s']:.2f}x")
+        for r in ok:
+            if r["stage"] == stage and r.get("cache_mib_per_entry"):
+                sizes = ", ".join(f"{k} {v:.3f} MiB" for k, v in sorted(r["cache_mib_per_entry"].items()))
+                st = r["cache_stats"]
+                print(f"stage {stage}: cache entry size: {sizes}; hits/misses encoder {st['encoder_hits']:.0f}/{st['encoder_misses']:.0f}, "
+                      f"prefix {st['prefix_hits']:.0f}/{st['prefix_misses']:.0f}")
+        z2 = rows.get(("rsmoe", "2"))
+        for (name, zero), z3 in rows.items():
+            if name == "rsmoe" and zero.startswith("3") and z2:
+                print(f"stage {stage}: ZeRO-{zero} step / ZeRO-2 step = {z3['step_s'] / z2['step_s']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1-zero", nargs="+", choices=["none", "2", "3", "3naive"],
                    help="rsmoe Stage I runs (default: as --zero)")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--cache", action="store_true",
+                   help="also rsmoe with its feature cache (first --zero) and the peft baseline with precomputed frozen features")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (rsmoe and baseline)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
@@ -635,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         r = spawn(spec, a.timeout)
         results.append(r)
         msg = r.get("error") or f"{r['step_s']:.3f} s/step, {r['samples_per_s']:.2f} samples/s"
-        print(f"  {spec['impl']:8} stage {spec['stage']} zero {spec['zero']:4}: {msg}", flush=True)
+        print(f"  {label(spec):12} stage {spec['stage']} zero {spec['zero']:4}: {msg}", flush=True)
     print()
     print_table(results, ceiling, what)
     for r in results:

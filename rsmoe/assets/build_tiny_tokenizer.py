@@ -59,7 +59,14 @@ def iter_text(data_root: Path) -> Iterator[str]:
 
 
 def build(data_root: Path, out_dir: Path = DEFAULT_OUT, vocab_size: int = VOCAB_SIZE) -> Path:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     texts = list(iter_text(data_root))

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from rsmoe.errors import ConfigError
 from rsmoe.config.schema import TrainArgs
+from rsmoe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,15 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError(f"config key 'model.vision.type': 'vit' or 'efficientnet', got {m.vision.type!r}")
     if m.router != "template":
         raise ConfigError(f"config key 'model.router': only 'template' is available, got {m.router!r}")
-    for k in ("steps", "micro_batch_size", "grad_accum"):
+    for k in ("steps", "micro_batch_size", "grad_accum", "length_groups"):
         if getattr(args.train, k) < 1:
             raise ConfigError(f"config key 'train.{k}': must be >= 1")
+    if args.data.feature_cache is False:  # YAML reads a bare `off` as false
+        args.data.feature_cache = "off"
+    if args.data.feature_cache is True or args.data.feature_cache.strip() == "":
+        raise ConfigError(f"config key 'data.feature_cache': 'off', 'memory' or a directory, got {args.data.feature_cache!r}")
+    if args.data.feature_cache != "off" and not args.data.feature_cache_gb > 0:
+        raise ConfigError(f"config key 'data.feature_cache_gb': must be > 0, got {args.data.feature_cache_gb}")
     if m.qformer.num_query_tokens < 1:
         raise ConfigError("config key 'model.qformer.num_query_tokens': must be >= 1")
 

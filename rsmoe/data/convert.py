@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from rsmoe.errors import UserError
 from rsmoe.data.rsvqa_captions import parts_to_caption, qa_to_parts
 from rsmoe.data.schema import Sample, make_record, safe_key
 from rsmoe.data.shards import write_shards
 from rsmoe.data.splitter import normalise_caption, split_caption
+from rsmoe.errors import UserError
 
 logger = logging.getLogger(__name__)
 

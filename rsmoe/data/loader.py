@@ -65,7 +65,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import (
+    base_plus_ext,
+    group_by_keys,
+    tar_file_expander,
+    url_opener,
+)
 
 from rsmoe.data.schema import IMAGE_EXTS, validate_record
 from rsmoe.errors import Halted

@@ -9,7 +9,6 @@ prompt), so the visual prefix is computed once per sample and shared by all expe
 from __future__ import annotations
 
 import functools
-
 import random
 from dataclasses import dataclass
 

@@ -95,7 +95,15 @@ class ExpertParallel:
         others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora]
         if others:  # their gradient would be averaged over the expert-DP group only, and norm-counted ep times
             raise RuntimeError(f"expert parallelism trains only the experts' adapters, but these also train: {others[:5]}")
-        model.prefix_fn = SlicedVisualPrefix(self.layout.group("ep"), self.layout.ep, self.layout.ep_rank)
+        sliced = SlicedVisualPrefix(self.layout.group("ep"), self.layout.ep, self.layout.ep_rank)
+        if model.prefix_fn is None:
+            model.prefix_fn = sliced
+        elif hasattr(model.prefix_fn, "stack_inner"):
+            # The feature cache (data.feature_cache) stays outermost: the EP group agrees on its misses,
+            # which then go through the sliced prefix (rsmoe.io.feature_cache.FeatureCache).
+            model.prefix_fn.stack_inner(sliced, self.layout.group("ep"))
+        else:
+            raise RuntimeError(f"expert parallelism cannot stack on the model's prefix_fn {model.prefix_fn!r}")
         for p in model.experts.lora_parameters():
             # Different on every EP rank: DeepSpeed counts such parameters on every model-parallel rank.
             p.model_parallel = True

@@ -32,11 +32,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rsmoe.inference import generate as inference
 from rsmoe.data.loader import iter_tar_groups, parse_group, preprocess_image
 from rsmoe.eval.bootstrap import paired_caption_intervals, paired_cluster_intervals
 from rsmoe.eval.class_mention import class_mention
 from rsmoe.eval.vqa_metrics import canonical_type
+from rsmoe.inference import generate as inference
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,13 @@ import torch
 from rsmoe.config import TrainArgs, dump_config, read_config
 from rsmoe.errors import UserError
 from rsmoe.io import adapters
-from rsmoe.io.fs import atomic_write_text, fsync_dir, fsync_tree, load_safetensors, save_safetensors
+from rsmoe.io.fs import (
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    load_safetensors,
+    save_safetensors,
+)
 
 VISUAL = "visual.safetensors"
 FROZEN_RANDOM = "frozen_random.safetensors"

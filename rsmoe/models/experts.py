@@ -155,6 +155,35 @@ class ExpertLM(nn.Module):
         row_tokens = sel.sum(dim=1)
         return row_loss, row_tokens
 
+    def forward_by_length(
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        adapter_index: torch.Tensor,
+        groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, with the rows run as `groups` sub-batches of similar length, each cut to its own
+        longest row (`length_groups`) instead of the batch's. Right padding is never attended to and carries
+        no loss, so each row's loss is the same function of its tokens as in `forward` (equal up to float
+        rounding: the kernels see other shapes); only fewer padded positions are computed."""
+        if groups <= 1 or input_ids.shape[0] <= 1 or not is_right_padded(attention_mask):
+            return self.forward(prefix, input_ids, attention_mask, labels, adapter_index)
+        lengths = attention_mask.sum(dim=1).tolist()
+        parts = length_groups(lengths, groups)
+        losses, tokens = [], []
+        for rows in parts:
+            idx = torch.tensor(rows, device=input_ids.device)
+            cut = max(1, max(lengths[r] for r in rows))
+            row_loss, row_tokens = self.forward(prefix[idx], input_ids[idx, :cut], attention_mask[idx, :cut],
+                                                labels[idx, :cut], adapter_index[idx])
+            losses.append(row_loss)
+            tokens.append(row_tokens)
+        back = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
+        back[torch.tensor([r for rows in parts for r in rows], device=input_ids.device)] = torch.arange(len(lengths), device=input_ids.device)
+        return torch.cat(losses)[back], torch.cat(tokens)[back]
+
     @torch.no_grad()
     def generate(
         self,
@@ -178,6 +207,32 @@ class ExpertLM(nn.Module):
         mask = torch.stack([torch.cat([mask[i, q : q + p], mask[i, :q], mask[i, q + p :]]) for i, p in enumerate(n_pad)])
         with adapters_active(self.lora_layers, adapter_index):
             return self.base.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
+
+
+def length_groups(lengths: list[int], k: int) -> list[list[int]]:
+    """Rows split into exactly min(k, rows) groups of similar length, minimising the padded positions
+    sum(len(group) * max length in group): the optimal split of the rows sorted by length (dynamic
+    programme, O(k n^2), n = rows per batch). Each group is a list of row indices, longest group last."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, k = len(order), max(1, min(k, len(lengths)))
+    srt = [lengths[i] for i in order]
+    inf = float("inf")
+    # best[g][j]: least cost of the first j sorted rows in g groups; cut[g][j]: where the last group starts.
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for g in range(1, k + 1):
+        for j in range(g, n + 1):
+            for i in range(g - 1, j):  # last group = sorted rows i..j-1, padded to srt[j-1]
+                c = best[g - 1][i] + (j - i) * srt[j - 1]
+                if c < best[g][j]:
+                    best[g][j], cut[g][j] = c, i
+    groups, j = [], n
+    for g in range(k, 0, -1):
+        i = cut[g][j]
+        groups.append(order[i:j])
+        j = i
+    return groups[::-1]
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

@@ -200,7 +200,11 @@ def load_instructblip_visual(path: PathLike) -> dict[str, Any]:
     Returns ``vision_model``, ``qformer``, ``query_tokens`` ([1, 32, H]), ``language_projection_state``
     (``{"weight", "bias"}`` or None), ``qformer_tokenizer`` (or None) and ``config``.
     """
-    from transformers import InstructBlipConfig, InstructBlipQFormerModel, InstructBlipVisionModel
+    from transformers import (
+        InstructBlipConfig,
+        InstructBlipQFormerModel,
+        InstructBlipVisionModel,
+    )
 
     directory = _local_dir(path, "InstructBLIP")
     raw = json.loads((directory / "config.json").read_text())

@@ -78,11 +78,24 @@ class VisualPrefix(nn.Module):
         """One prefix per instruction row. `image_index` (P,) names each row's image in `pixel_values`
         (several instructions about one image: the frozen encoder still sees that image once);
         None = row i reads image i."""
+        return self.from_image_embeds(self.encode(pixel_values), input_ids, attention_mask, image_index)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen vision encoder's tokens (B, T, D), without autograd state."""
         self.vision.eval()  # frozen: no dropout, running stats untouched
         with torch.no_grad():
-            image_embeds = self.vision(pixel_values.to(self.proj.weight.dtype))
-            if image_index is not None:
-                image_embeds = image_embeds[image_index]
+            return self.vision(pixel_values.to(self.proj.weight.dtype))
+
+    def from_image_embeds(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Q-Former + projection on encoder tokens (`encode`'s output; a feature cache may supply them)."""
+        if image_index is not None:
+            image_embeds = image_embeds[image_index]
         if not self.trainable():
             # Stage II: the prefix is a constant of (image, instruction); computed once per sample
             # (rows index into it) and with no autograd bookkeeping.
@@ -107,6 +120,8 @@ class RSMoE(nn.Module):
         # prefix_fn(visual, pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image). Expert
         # parallelism sets one that splits the frozen visual work over the ranks sharing a batch.
         self.prefix_fn: Callable[..., torch.Tensor] | None = None
+        # Training rows run as this many sub-batches of similar length (train.length_groups; 1 = one batch).
+        self.length_groups = 1
 
     # ------------------------------------------------------------ stages
     def trainable_stage1(self) -> None:
@@ -154,7 +169,8 @@ class RSMoE(nn.Module):
         if prefix is None:
             v_in = (pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
             prefix = self.visual(*v_in) if self.prefix_fn is None else self.prefix_fn(self.visual, *v_in)
-        row_loss, row_tokens = self.experts(prefix[row_sample], input_ids, attention_mask, labels, adapter_index)
+        row_loss, row_tokens = self.experts.forward_by_length(prefix[row_sample], input_ids, attention_mask, labels,
+                                                              adapter_index, self.length_groups)
         n = len(self.experts.expert_ids)
         zeros = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype)
         tok = zeros.index_add(0, adapter_index, row_tokens.to(row_loss.dtype))

@@ -10,6 +10,7 @@ from rsmoe.data.loader import Loader, build_loader
 from rsmoe.data.processor import Processor
 from rsmoe.distributed.layout import ParallelLayout
 from rsmoe.io import model_dir
+from rsmoe.io.feature_cache import attach_feature_cache
 from rsmoe.models.build import build_model
 from rsmoe.models.model import RSMoE
 
@@ -24,13 +25,21 @@ def build_processor(args: TrainArgs, llm_tok, q_tok) -> Processor:
 
 def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:
     """(model, processor, this rank's global expert ids). Stage II starts from Stage I's directory:
-    its LoRA merged into the base and one fresh adapter per expert this rank holds."""
+    its LoRA merged into the base and one fresh adapter per expert this rank holds. With
+    `data.feature_cache`, the cache is its prefix_fn, fingerprinted on the weights just loaded."""
     model, llm_tok, q_tok = build_model(args.model, args.seed, fresh=args.stage == 1)
     local_ids = layout.local_expert_ids(args.stage)
     if args.stage == 2:
         model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)
         model.to_stage2(local_ids, args.seed, args.model.experts, train_qformer=args.model.train_qformer_stage2)
     model.loss_per_sample = args.train.loss_normalisation == "sample"
+    attach_feature_cache(model, args.data.feature_cache, args.data.feature_cache_gb)
+    # Rows every rank is sure to have: Stage I one per sample; Stage II at least one per local expert.
+    sure_rows = args.train.micro_batch_size if args.stage == 1 else len(local_ids)
+    model.length_groups = min(args.train.length_groups, sure_rows)
+    if model.length_groups < args.train.length_groups:
+        log.info("train.length_groups=%d capped at %d (the rows every rank is sure to have)", args.train.length_groups,
+                 model.length_groups)
     return model, build_processor(args, llm_tok, q_tok), local_ids
 
 

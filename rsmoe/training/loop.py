@@ -23,13 +23,19 @@ from rsmoe.distributed.env import WorldInfo, device_type, init_distributed
 from rsmoe.distributed.expert_parallel import ExpertParallel
 from rsmoe.distributed.layout import ParallelLayout
 from rsmoe.io import model_dir
+from rsmoe.io.feature_cache import feature_cache_metrics
 from rsmoe.logs import setup_logging
 from rsmoe.testing import faults
 from rsmoe.training import preemption
 from rsmoe.training.builders import build_stage_model, build_train_loader
 from rsmoe.training.checkpointer import CheckpointManager, write_final
 from rsmoe.training.engine import build_engine, load_ds_json, resolve_precision
-from rsmoe.training.metrics import LossWindow, MetricLogger, global_data_stats, peak_memory_gib
+from rsmoe.training.metrics import (
+    LossWindow,
+    MetricLogger,
+    global_data_stats,
+    peak_memory_gib,
+)
 from rsmoe.training.nan_guard import NonFiniteGuard
 from rsmoe.training.preflight import check_resume_compatible, preflight
 from rsmoe.training.run_lock import holding
@@ -168,6 +174,7 @@ def train_stage(args: TrainArgs, info: WorldInfo, run_dir: Path) -> dict:
                 "memory/peak_gib": peak_memory_gib(),
                 "optim/skipped_steps": guard.skipped,
                 **{f"data/{k}": v for k, v in global_data_stats(loader, data_group).items()},
+                **feature_cache_metrics(engine.module, data_group),  # hits and misses; {} when data.feature_cache=off
             })
             window.reset()
         pbar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in losses.items()})

@@ -185,6 +185,24 @@ def train_tiny_runs(root: Path, sample_shards: dict) -> dict[str, Path]:
     return {"stage1": root / "stage1", "stage2": root / "stage2"}
 
 
+def few_sample_shard(shard_dir: str | Path, out: Path, n: int = 3) -> str:
+    """A shard of the first `n` samples of `shard_dir`'s first training shard (images repeat every few steps)."""
+    import tarfile
+
+    src = sorted(Path(shard_dir).glob("train-*.tar"))[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        keys: list[str] = []
+        for m in tin.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == n:
+                    break
+                keys.append(key)
+            tout.addfile(m, tin.extractfile(m))
+    return str(out)
+
+
 # ---------------------------------------------------------------- launcher and SLURM scripts
 
 # Variables a developer's shell may carry that would change what the launcher scripts do.

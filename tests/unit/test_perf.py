@@ -1,19 +1,17 @@
 """Performance changes keep the maths: dense multi-adapter LoRA, causal-only mask for right padding,
-gradient checkpointing with adapters, and ZeRO-3's residency rule (same adapters as ZeRO-2)."""
+gradient checkpointing with adapters, ZeRO-3's residency rule (same adapters as ZeRO-2), and
+length-aware batching (same row losses and gradients; the split that pads least)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from rsmoe.config import load_config
+from rsmoe.config import ConfigError, load_config
+from rsmoe.training.engine import build_ds_config, mark_frozen_resident_leaves, resident_parameters
 from rsmoe.models.build import build_model
 from rsmoe.models.experts import is_right_padded
 from rsmoe.models.multi_lora import MultiLoRALinear
-from rsmoe.training.engine import (
-    build_ds_config,
-    mark_frozen_resident_leaves,
-    resident_parameters,
-)
 from tests.helpers import fixed_stage2_batch, random_adapters
 
 
@@ -153,3 +151,73 @@ def test_zero3_with_residency_trains_the_same_adapters_as_zero2(dist_env):
     assert any(a.abs().sum() > 0 for a in z2)
     for a, b in zip(z2, z3):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- length-aware batching
+
+
+def test_length_groups_are_the_split_that_pads_least():
+    import itertools
+    import random
+
+    from rsmoe.models.experts import length_groups
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, k = rng.randint(1, 7), rng.randint(1, 4)
+        lengths = [rng.randint(1, 40) for _ in range(n)]
+        groups = length_groups(lengths, k)
+        assert len(groups) == min(k, n) and all(groups)
+        assert sorted(i for g in groups for i in g) == list(range(n))
+        cost = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+        srt = sorted(lengths)
+        best = min(  # brute force over every split of the sorted rows into min(k, n) contiguous groups
+            sum((b - a) * srt[b - 1] for a, b in zip((0, *cuts), (*cuts, n)))
+            for cuts in itertools.combinations(range(1, n), min(k, n) - 1)
+        )
+        assert cost == best, (lengths, k, groups)
+
+
+def test_length_groups_give_the_same_row_losses_and_adapter_gradients():
+    model = _stage2_model().train()
+    torch.manual_seed(0)
+    rows, q, h = 7, 8, model.experts.hidden_size
+    prefix = torch.randn(rows, q, h)
+    ids = torch.randint(5, 100, (rows, 20))
+    lengths = torch.tensor([20, 3, 11, 19, 4, 7, 12])
+    mask = (torch.arange(20)[None] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # prompt positions
+    slots = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    results = []
+    for k in (1, 2, 3):
+        model.zero_grad(set_to_none=True)
+        loss, tokens = model.experts.forward_by_length(prefix, ids, mask, labels, slots, k)
+        loss.sum().backward()
+        results.append((loss.detach(), tokens, [p.grad.clone() for p in model.experts.lora_parameters()]))
+    for loss, tokens, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(tokens, results[0][1])
+        for a, b in zip(grads, results[0][2]):  # float rounding only: relative to the gradient's scale
+            assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-5 * b.abs().max(), ((a - b).abs().max(), b.abs().max())
+    # Through RSMoE.forward: the model attribute the builders set from train.length_groups.
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels, "adapter_index": slots,
+              "row_sample": torch.arange(rows), "prefix": prefix}
+    out1 = model(**inputs)
+    model.length_groups = 3
+    out3 = model(**inputs)
+    torch.testing.assert_close(out3["expert_loss"], out1["expert_loss"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out3["expert_tokens"], out1["expert_tokens"])
+
+
+def test_length_groups_are_capped_at_the_rows_every_rank_has():
+    from rsmoe.distributed.layout import ParallelLayout
+    from rsmoe.training.builders import build_stage_model
+
+    args = load_config("tiny", ["train.length_groups=4", "train.micro_batch_size=2"])
+    model, _, _ = build_stage_model(args, ParallelLayout(n_experts=3, ep=1, world_size=1, rank=0))
+    assert model.length_groups == 2  # Stage I: one row per sample
+    args = load_config("tiny", ["train.length_groups=2"])
+    assert build_stage_model(args, ParallelLayout(n_experts=3, ep=1, world_size=1, rank=0))[0].length_groups == 2
+    with pytest.raises(ConfigError, match="train.length_groups"):
+        load_config("tiny", ["train.length_groups=0"])

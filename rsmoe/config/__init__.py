@@ -1,7 +1,9 @@
 """Typed configuration (schema) and how it is filled (loading): defaults < YAML preset < dotted overrides."""
 
 from rsmoe.config.loading import (
+    CAPTION_PARTS,
     PRESET_DIR,
+    ROUTER_MODES,
     check_expert_parallel,
     dump_config,
     from_dict,
@@ -17,6 +19,7 @@ from rsmoe.config.schema import (
     DataArgs,
     DistributedArgs,
     GenerationArgs,
+    LearnedRouterArgs,
     LLMArgs,
     LoRAArgs,
     ModelArgs,
@@ -29,7 +32,7 @@ from rsmoe.config.schema import (
 from rsmoe.errors import ConfigError
 
 __all__ = [
-    "PRESET_DIR", "CheckpointArgs", "ConfigError", "DataArgs", "DistributedArgs", "GenerationArgs", "LLMArgs",
+    "CAPTION_PARTS", "PRESET_DIR", "ROUTER_MODES", "CheckpointArgs", "ConfigError", "DataArgs", "DistributedArgs", "GenerationArgs", "LearnedRouterArgs", "LLMArgs",
     "LoRAArgs", "ModelArgs", "OptimArgs", "QFormerArgs", "TrainArgs", "TrainLoopArgs", "VisionArgs",
     "check_expert_parallel", "dump_config", "from_dict", "load_config", "parse_overrides", "read_config",
     "resolve_preset", "to_dict", "validate",

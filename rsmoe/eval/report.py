@@ -154,6 +154,12 @@ def _qa_correct(qa: Mapping[str, Any]) -> bool:
     return gt != "" and normalize_answer(str(qa.get("prediction", "")), qtype) == gt
 
 
+def _expert_cell(qa: Mapping[str, Any]) -> str:
+    """The expert that answered, with the learned router's confidence when it chose."""
+    conf = qa.get("confidence")
+    return f"{qa.get('expert', '')} ({float(conf):.2f})" if conf is not None else str(qa.get("expert", ""))
+
+
 def _md(text: Any) -> str:
     """Make text safe inside a Markdown table cell."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
@@ -194,10 +200,10 @@ def _render_md(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]], t
             lines += ["**References:**", ""] + [f"{i}. {r}" for i, r in enumerate(refs, 1)] + [""]
         qas = item.get("qa") or []
         if qas:
-            lines += ["| question | type | expert | prediction | answer | correct |", "|---|---|---|---|---|---|"]
+            lines += ["| question | type | expert (router confidence) | prediction | answer | correct |", "|---|---|---|---|---|---|"]
             for qa in qas:
                 lines.append(
-                    f"| {_md(qa.get('question', ''))} | {_md(qa.get('type', ''))} | {_md(qa.get('expert', ''))} "
+                    f"| {_md(qa.get('question', ''))} | {_md(qa.get('type', ''))} | {_md(_expert_cell(qa))} "
                     f"| {_md(qa.get('prediction', ''))} | {_md(qa.get('answer', ''))} | {'yes' if _qa_correct(qa) else 'no'} |"
                 )
             lines.append("")
@@ -248,11 +254,12 @@ def _render_html(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
             out.append("<p><b>References:</b></p><ol>" + "".join(f"<li>{e(str(r))}</li>" for r in refs) + "</ol>")
         qas = item.get("qa") or []
         if qas:
-            out.append("<table><tr><th>question</th><th>type</th><th>expert</th><th>prediction</th><th>answer</th><th>correct</th></tr>")
+            out.append("<table><tr><th>question</th><th>type</th><th>expert (router confidence)</th><th>prediction</th><th>answer</th><th>correct</th></tr>")
             for qa in qas:
                 ok = _qa_correct(qa)
+                cells = [qa.get("question", ""), qa.get("type", ""), _expert_cell(qa), qa.get("prediction", ""), qa.get("answer", "")]
                 out.append(
-                    "<tr>" + "".join(f"<td>{e(str(qa.get(k, '')))}</td>" for k in ("question", "type", "expert", "prediction", "answer"))
+                    "<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells)
                     + f"<td class='{'ok' if ok else 'bad'}'>{'yes' if ok else 'no'}</td></tr>"
                 )
             out.append("</table>")

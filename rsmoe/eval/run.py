@@ -183,7 +183,8 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
             )
             for (i, q), a in zip(chunk, answers):
                 items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
-                                       "prediction": a["answer"], "expert": a["expert"]})
+                                       "prediction": a["answer"], "expert": a["expert"],
+                                       "route": a.get("route"), "confidence": a.get("confidence")})
     if opts.thumbnails:
         v = trained.cfg.model.vision
         for i, item in enumerate(items):
@@ -374,6 +375,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
                        "experts": "in turn" if opts.sequential else "one batched generate call"},
         "caption_instruction": opts.instruction or "the sample's instruction, else the router's default",
         "vqa_prompt": trained.processor.router.question_prompt("<question>"),
+        "router": trained.cfg.model.router if trained.stage == 2 else "none (Stage I: one LLM)",
         "limit": opts.limit,
         "questions_per_image": opts.questions_per_image,
         "bootstrap_resamples": opts.bootstrap,

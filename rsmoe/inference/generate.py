@@ -99,6 +99,7 @@ def caption(
     dev = next(model.experts.parameters()).device
     qids, qmask = processor.encode_instructions(instr)
     prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev))
+    soft, _ = _router_outputs(model, processor, prefix, instr)
     names = model.expert_names
     prompts, slots, samples = [], [], []
     for i in range(b):
@@ -111,7 +112,8 @@ def caption(
             prompts.append(p)
             slots.append(slot)
             samples.append(i)
-    texts, cut = _generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
+    rows = _rows(model, prefix, samples, slots, soft)
+    texts, cut = _generate_rows(model, processor, rows, list(range(len(prompts))), prompts, slots, gen, sequential)
     results = []
     k = len(names)
     for i in range(b):
@@ -119,6 +121,20 @@ def caption(
         truncated = [names[s] for s in range(k) if cut[i * k + s]]
         results.append({"experts": parts, "caption": compose_caption(parts, names, truncated), "truncated": truncated})
     return results
+
+
+def _router_outputs(model: RSMoE, processor: Processor, prefix: torch.Tensor, instructions: list[str]):
+    """The learned router's (soft prompts, route logits) for these prefixes; (None, None) without one."""
+    if getattr(model, "router", None) is None:
+        return None, None
+    ids, mask = processor.encode_router_instructions(instructions)
+    return model.router_outputs(prefix, ids.to(prefix.device), mask.to(prefix.device))
+
+
+def _rows(model: RSMoE, prefix: torch.Tensor, samples: list[int], slots: list[int], soft) -> torch.Tensor:
+    dev = prefix.device
+    return model.expert_rows(prefix, torch.tensor(samples, dtype=torch.long, device=dev),
+                             torch.tensor(slots, dtype=torch.long, device=dev), soft)
 
 
 def images_once(image_of: list[int]) -> tuple[list[int], list[int]]:
@@ -139,8 +155,11 @@ def answer(
     gen: GenerationArgs | None = None,
     image_index: list[int] | None = None,
 ) -> list[dict]:
-    """One dict per question: {'answer', 'expert'}; the router picks the expert.
+    """One dict per question: {'answer', 'expert', 'route', 'confidence'}; the router picks the expert.
 
+    `route` says how: 'learned' (the learned router's head, top-1; `confidence` = its softmax
+    probability of that expert), 'type' / 'keywords' / 'default' (the template's route, also the
+    fallback of an untrained head) or 'first' (`model.router=none`); `confidence` is None unless learned.
     `image_index[i]` is question i's image in `pixel_values`, so several questions about one image
     encode it once; None = one image per question."""
     gen = gen or GenerationArgs(max_new_tokens=8)
@@ -152,11 +171,21 @@ def answer(
     index = None if image_index is None else torch.tensor(image_index, dtype=torch.long, device=dev)
     prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev), index)
     names = model.expert_names
+    soft, logits = _router_outputs(model, processor, prefix, prompts)
+    confidence: list[float | None] = [None] * len(questions)
     if names == [STAGE1_EXPERT]:
-        experts = [STAGE1_EXPERT] * len(questions)
+        experts, routes = [STAGE1_EXPERT] * len(questions), ["stage1"] * len(questions)
+    elif logits is not None and model.router.route_trained():
+        probs = torch.softmax(logits.float(), dim=-1)
+        best = probs.argmax(dim=-1)
+        experts = [names[int(k)] for k in best]
+        routes = ["learned"] * len(questions)
+        confidence = [round(float(probs[i, k]), 4) for i, k in enumerate(best)]
     else:
-        experts = [processor.router.route_question(q, t) for q, t in zip(questions, types)]
-        experts = [e if e in names else names[0] for e in experts]
+        chosen = [processor.router.route_with_reason(q, t) for q, t in zip(questions, types)]
+        experts = [e if e in names else names[0] for e, _ in chosen]
+        routes = [r for _, r in chosen]
     slots = [names.index(e) for e in experts]
-    texts, _ = _generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
-    return [{"answer": t, "expert": e} for t, e in zip(texts, experts)]
+    rows = _rows(model, prefix, list(range(len(questions))), slots, soft)
+    texts, _ = _generate_rows(model, processor, rows, list(range(len(questions))), prompts, slots, gen, False)
+    return [{"answer": t, "expert": e, "route": r, "confidence": c} for t, e, r, c in zip(texts, experts, routes, confidence)]

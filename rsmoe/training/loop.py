@@ -49,6 +49,8 @@ class StepResult:
     tokens: int
     """LLM positions this step processed over every rank."""
     seconds: float
+    route: dict[str, float] | None = None
+    """Learned router (issue 17): the route head's loss and accuracy, question-weighted over micro-batches and DP."""
 
 
 def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, local_ids: list[int], args: TrainArgs,
@@ -56,6 +58,7 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
     """One optimizer step (grad_accum micro-batches). Collective: every rank calls it."""
     t0 = time.time()
     loss_sum = torch.zeros(len(local_ids))  # this rank's experts
+    route_sum = torch.zeros(3, dtype=torch.float64)  # learned router (issue 17): questions x (loss, acc), questions
     n_tokens = 0
     for micro in range(args.train.grad_accum):
         batch = next(data_iter)
@@ -70,11 +73,20 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
         engine.backward(guard.loss_for_backward(out["loss"]))
         engine.step()
         loss_sum += out["expert_loss"].float().cpu()
+        if "route_loss" in out:
+            nq = float(out["route_questions"])
+            route_sum += torch.tensor([float(out["route_loss"]) * nq, float(out["route_acc"]) * nq, nq], dtype=torch.float64)
     # Loss per expert, averaged over the expert's data-parallel replicas, then every expert's.
     dp_group = layout.mpu(args.stage).get_data_parallel_group()
     expert_loss = ep_plan.all_expert_losses(collectives.all_mean(loss_sum / args.train.grad_accum, dp_group))
     step_tokens = int(ep_plan.sum_over_ep(torch.tensor([float(n_tokens)], dtype=torch.float64)).item()) * layout.dp
-    return StepResult(expert_loss, step_tokens, time.time() - t0)
+    route = None
+    if processor.learned and args.stage == 2:
+        r = collectives.all_sum(route_sum, dp_group)
+        route = {"route/questions": float(r[2])}
+        if r[2]:
+            route.update({"route/loss": float(r[0] / r[2]), "route/acc": float(r[1] / r[2])})
+    return StepResult(expert_loss, step_tokens, time.time() - t0, route)
 
 
 def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep_plan: ExpertParallel) -> TrainState:
@@ -96,7 +108,7 @@ def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep
 
 def step_scalars(result: StepResult, names: list[str]) -> dict[str, float]:
     return {"loss/total": float(result.expert_loss.sum()),
-            **{f"loss/{n}": float(v) for n, v in zip(names, result.expert_loss)}}
+            **{f"loss/{n}": float(v) for n, v in zip(names, result.expert_loss)}, **(result.route or {})}
 
 
 def train(args: TrainArgs) -> dict:
@@ -176,7 +188,7 @@ def train(args: TrainArgs) -> dict:
     pbar.close()
 
     out = write_final(engine.module, args, run_dir / "final",
-                      init_dir=model_dir.stage1_dir(args.init_from) if args.stage == 2 else None,
+                      init_dir=model_dir.stage2_init_dir(args),  # router/ablation (issue 17): None for stage2_init=untrained
                       write_adapters=layout.dp_rank == 0)
     metrics.close()
     log.info("stage %d done: %d steps, final loss %s; model directory %s", args.stage, state.step,

@@ -77,8 +77,7 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
         expand_shards(args.data.train_shards)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"config key 'data.train_shards': {one_line(exc)}") from None
-    if args.stage == 2:
-        model_dir.stage1_dir(args.init_from)  # ModelDirError with the fix in its message
+    model_dir.stage2_init_dir(args)  # Stage II's Stage I run: ModelDirError with the fix in its message
     run_dir = Path(args.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ COMMANDS = {
     "caption": ("rsmoe.cli.caption", "caption images with a trained model (no launcher needed)"),
     "ask": ("rsmoe.cli.ask", "answer a question about an image with a trained model"),
     "export": ("rsmoe.cli.export", "export a run to safetensors, peft adapters, merged HF models"),
+    "ablate": ("rsmoe.cli.ablate", "train and evaluate the paper's ablation arms; one table with intervals"),
     "assets": ("rsmoe.cli.assets", "list or prepare the offline demo weights"),
 }
 

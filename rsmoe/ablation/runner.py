@@ -41,6 +41,8 @@ from rsmoe.io import model_dir
 log = logging.getLogger("rsmoe.ablate")
 
 REPO = Path(__file__).resolve().parents[2]
+# Launcher settings the ablation sets per run: a value left in the user's shell must not leak into an arm.
+LAUNCHER_OWNED = ("CONFIG", "RUN_ROOT", "RUN_DIR", "INIT_FROM", "STAGE2_INIT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 class AblationError(UserError, RuntimeError):
@@ -240,7 +242,9 @@ def _run_child(job: Job, log_file: Path) -> int:
     """Run one command with its output in `log_file`; SIGTERM/SIGINT to this process reach the child
     (it checkpoints and exits) before this process exits."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **job.env, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_OWNED}
+    env.update(job.env)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     with open(log_file, "a") as f:
         f.write(f"\n$ {job.shell()}\n")
         f.flush()

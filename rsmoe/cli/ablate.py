@@ -4,7 +4,8 @@
     rsmoe ablate --config demo --out runs/ablate --arms router-none,router-learned
     rsmoe ablate --config demo --out runs/quick --stage1-steps 20 --stage2-steps 10   # a short timing run
     rsmoe ablate --config rsmoe-1b --out /scratch/abl --launcher torchrun --gpus 4 data.train_shards=...
-    rsmoe ablate --config demo --out runs/ablate --plan              # print the commands (and sbatch jobs)
+    rsmoe ablate --config demo --out runs/ablate --plan              # print the commands
+    rsmoe ablate --config rsmoe-1b --out /scratch/abl --plan sbatch > submit.sh   # the arms as SLURM jobs
 
 Arms (docs/ablation.md): full (two-stage, template router, 3 experts: the reference), one-stage,
 router-none, router-learned, experts-1, experts-2. Every two-stage arm starts from one shared Stage I
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="python: `python -m rsmoe.cli train|eval` (one process); torchrun: launchers/stage{1,2}.sh with --gpus ranks")
     p.add_argument("--gpus", type=int, default=1, help="ranks per run with --launcher torchrun (GPUs, or CPU processes with --device cpu)")
     p.add_argument("--device", default=None, choices=["auto", "cuda", "cpu"], help="DEVICE for the launchers (default auto)")
-    p.add_argument("--plan", action="store_true", help="print every command (local and as sbatch jobs) and exit")
+    p.add_argument("--plan", nargs="?", const="local", choices=["local", "sbatch"], default=None,
+                   help="print the commands and exit: 'local' (default) as they run here, 'sbatch' as a script of SLURM jobs")
     p.add_argument("--no-plot", action="store_true", help="do not draw ablation.png")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every training run, e.g. data.train_shards=... optim.lr=2e-4")
 
@@ -54,7 +56,7 @@ def options_from_cli(ns: argparse.Namespace) -> AblationOptions:
         arms=[a.strip() for a in ns.arms.split(",") if a.strip()] if ns.arms else None,
         stage1_steps=ns.stage1_steps, stage2_steps=ns.stage2_steps, eval_shards=ns.eval_shards, eval_limit=ns.eval_limit,
         questions_per_image=ns.questions_per_image, bootstrap=ns.bootstrap, meteor=not ns.no_meteor,
-        launcher=ns.launcher, gpus=ns.gpus, device=ns.device, plan_only=ns.plan, plot=not ns.no_plot,
+        launcher=ns.launcher, gpus=ns.gpus, device=ns.device, plan_only=ns.plan is not None, plot=not ns.no_plot,
     )
 
 
@@ -64,11 +66,15 @@ def run(ns: argparse.Namespace) -> int:
     if opts.eval_limit < 0 or opts.questions_per_image < 0 or opts.bootstrap < 0:
         raise UserError("--eval-limit, --questions-per-image and --bootstrap must be >= 0")
     result = run_ablation(opts)
-    if opts.plan_only:
-        print("# the ablation, command by command (each is skipped when what it makes is complete):")
+    if ns.plan == "local":
+        print("# the ablation, command by command (rsmoe ablate skips each one whose output is complete):")
         for job in result["jobs"]:
             print(job.shell())
-        print("\n# as SLURM jobs (slurm/*.sbatch), Stage II arms in parallel after Stage I:")
+        return 0
+    if ns.plan == "sbatch":
+        print("#!/bin/bash\n# The ablation as SLURM jobs: Stage I, then every two-stage arm's Stage II (in parallel), each")
+        print("# evaluation after its training. Add resources (--nodes, --gpus-per-node, --partition) as for any rsmoe job.")
+        print("set -euo pipefail")
         print("\n".join(slurm_commands(result["jobs"], opts)))
         return 0
     print(to_markdown(result["table"]))

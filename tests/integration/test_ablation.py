@@ -56,3 +56,38 @@ def test_two_arms_end_to_end_and_resume_after_a_kill_between_them(sample_shards,
     assert "two-stage, template router, 3 experts (reference)" in md and "one stage (no Stage I" in md
     assert "matplotlib" not in md  # --no-plot: no plot, no note
     assert "| " + table["rows"][0]["title"] in proc.stdout  # the table is printed too
+
+
+def test_plan_sbatch_submits_every_arm_with_its_dependencies(tmp_path):
+    """`rsmoe ablate --plan sbatch` is a runnable script: under a fake sbatch, Stage I first, two-stage arms after
+    it, the one-stage arm without a Stage I (STAGE2_INIT=untrained), every evaluation after its own training."""
+    import os
+    import subprocess
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "abl"
+    script = run([sys.executable, "-m", "rsmoe.cli", "ablate", "--config", "tiny", "--out", str(out), "--plan", "sbatch",
+                  "--arms", "one-stage,router-learned", "optim.lr=2e-3"], timeout=300)
+    assert script.returncode == 0, script.stderr
+    (tmp_path / "submit.sh").write_text(script.stdout)
+    fake = tmp_path / "slurm"
+    env = {**os.environ, "PATH": f"{REPO}/tests/fake_slurm:{os.environ['PATH']}", "FAKE_SLURM_DIR": str(fake)}
+    proc = subprocess.run(["bash", str(tmp_path / "submit.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = {}
+    for f in sorted((fake / "sbatch").glob("*.args")):
+        args = f.read_text().splitlines()
+        job_env = dict(line.split("=", 1) for line in (f.with_suffix(".env")).read_text().splitlines() if "=" in line)
+        jobs[int(f.stem)] = (args, job_env)
+    scripts = [next(a for a in args if a.endswith(".sbatch")) for args, _ in jobs.values()]
+    assert scripts == ["slurm/stage1.sbatch"] + ["slurm/stage2.sbatch", "slurm/eval.sbatch"] * 3
+    s1 = next(k for k, (_, e) in jobs.items() if e.get("RUN_DIR") == str(out / "stage1"))
+    for arm, two_stage in (("full", True), ("one-stage", False), ("router-learned", True)):
+        i, (args, e) = next((k, v) for k, v in jobs.items() if v[1].get("RUN_DIR") == str(out / arm))
+        assert ("--dependency=afterok:%d" % s1 in args) == two_stage, arm
+        assert (e.get("INIT_FROM") == str(out / "stage1")) == two_stage and (e.get("STAGE2_INIT") == "untrained") != two_stage
+        assert "optim.lr=2e-3" in args
+        ev = next(k for k, (a, en) in jobs.items() if en.get("MODEL") == str(out / arm))
+        assert f"--dependency=afterok:{i}" in jobs[ev][0] and str(out / arm / "eval") in jobs[ev][0]
+    assert "model.router=learned" in next(a for a, e in jobs.values() if e.get("RUN_DIR") == str(out / "router-learned"))

@@ -9,7 +9,7 @@ Layout of the ablation folder (`--out`):
     <arm>/arm.json          the arm's commands; a finished arm trained with other commands is refused
     logs/<job>.log          each command's output
     plan.json               every command of the ablation, in order (also written by --plan)
-    timings.json            wall seconds of every finished command
+    timings.json            wall and CPU seconds of every finished command
     ablation.md/.json/.png  the table (rsmoe.ablation.table) and its plot
 
 A command is skipped when what it makes is complete: a training run when its final/ is complete (no
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -35,8 +36,9 @@ from tqdm import tqdm
 
 from rsmoe.ablation.arms import REFERENCE, Arm, select
 from rsmoe.config import load_config
-from rsmoe.errors import UserError
+from rsmoe.errors import Halted, UserError
 from rsmoe.io import model_dir
+from rsmoe.io.fs import atomic_write_text
 
 log = logging.getLogger("rsmoe.ablate")
 
@@ -203,6 +205,16 @@ def eval_results(eval_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError:
+        log.warning("%s is unreadable (cut short?); starting it afresh", path)
+        return {}
+
+
 def done(job: Job) -> bool:
     return train_finished(job.target) if job.kind == "train" else eval_results(job.target) is not None
 
@@ -216,14 +228,14 @@ def _record_commands(jobs: list[Job], out: Path) -> None:
         record = {j.kind: {"argv": j.argv, "env": j.env} for j in group}
         f = run / "arm.json"
         if f.exists() and train_finished(run):
-            old = json.loads(f.read_text())
+            old = _read_json(f)
             if old.get("train") != record.get("train"):
                 raise AblationError(
                     f"{run} was trained by another command ({_first_difference(old.get('train'), record.get('train'))}); "
                     f"use another --out, or delete {run} to train that arm again"
                 )
         run.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(f, json.dumps(record, indent=2) + "\n")
 
 
 def _first_difference(old: dict | None, new: dict | None) -> str:
@@ -236,6 +248,13 @@ def _first_difference(old: dict | None, new: dict | None) -> str:
 
 
 # ---------------------------------------------------------------- running
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU time of every finished, waited-for child process (and theirs: torchrun's ranks,
+    loader workers). Unlike wall time it hardly depends on what else shares the machine."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _run_child(job: Job, log_file: Path) -> int:
@@ -262,7 +281,8 @@ def _run_child(job: Job, log_file: Path) -> int:
                 child.wait(timeout=600)  # a training run writes its checkpoint on SIGTERM
             except subprocess.TimeoutExpired:
                 child.kill()
-            raise
+            raise Halted(f"interrupted during {job.name} (its log: {log_file}); rerun the same `rsmoe ablate` command "
+                         "to resume: finished arms are kept, this one resumes from its last checkpoint") from None
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -282,13 +302,13 @@ def run_ablation(opts: AblationOptions) -> dict[str, Any]:
     arms, jobs = plan(opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps([{"name": j.name, "kind": j.kind, "command": j.shell(), "argv": j.argv,
+    atomic_write_text(out / "plan.json", json.dumps([{"name": j.name, "kind": j.kind, "command": j.shell(), "argv": j.argv,
                                                 "env": j.env} for j in jobs], indent=2) + "\n")
     if opts.plan_only:
         return {"arms": arms, "jobs": jobs, "table": None, "timings": {}}
     _record_commands(jobs, out)
     timings_file = out / "timings.json"
-    timings: dict[str, Any] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    timings = _read_json(timings_file)
     bar = tqdm(total=len(jobs), desc="ablation", unit="job", disable=not opts.progress, file=sys.stderr, dynamic_ncols=True)
     for k, job in enumerate(jobs, 1):
         bar.set_postfix_str(job.name)
@@ -298,17 +318,18 @@ def run_ablation(opts: AblationOptions) -> dict[str, Any]:
             continue
         log_file = out / "logs" / (job.name.replace("/", "-") + ".log")
         log.info("[%d/%d] %s: %s  (log %s)", k, len(jobs), job.name, job.shell(), log_file)
-        t0 = time.time()
+        t0, cpu0 = time.time(), _children_cpu_seconds()
         rc = _run_child(job, log_file)
-        seconds = time.time() - t0
+        seconds, cpu = time.time() - t0, _children_cpu_seconds() - cpu0
         if rc != 0 or not done(job):
             what = f"exited with status {rc}" if rc else "stopped before it finished (preemption signal or train.stop_after_steps?)"
             raise AblationError(
                 f"{job.name}: `{job.shell()}` {what}; log {log_file}:\n{_tail(log_file)}\n"
                 "Fix the cause and rerun the same `rsmoe ablate` command: finished arms are kept and this one resumes."
             )
-        timings[job.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+        timings[job.name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(timings_file, json.dumps(timings, indent=2) + "\n")
         log.info("[%d/%d] %s: done in %.0f s", k, len(jobs), job.name, seconds)
         bar.update(1)
     bar.close()

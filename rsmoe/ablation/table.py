@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from rsmoe.ablation.arms import Arm
+from rsmoe.io.fs import atomic_write_text
 
 log = logging.getLogger("rsmoe.ablate")
 
@@ -260,11 +261,11 @@ def write_table(out: Path, table: dict[str, Any], *, plot: bool = True) -> dict[
         paths["png"], note = plot_arms(table, out / "ablation.png")
     if note:
         table["plot"] = note
-    paths["json"].write_text(json.dumps(table, indent=2, default=str) + "\n")
+    atomic_write_text(paths["json"], json.dumps(table, indent=2, default=str) + "\n")
     md = to_markdown(table)
     if note:
         md += f"\n{note}\n"
     elif paths["png"] is not None:
         md += "\n![arms](ablation.png)\n"
-    paths["md"].write_text(md)
+    atomic_write_text(paths["md"], md)
     return paths

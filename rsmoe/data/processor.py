@@ -11,6 +11,7 @@ the routed expert trains on it, the others' rows are probes whose losses pick th
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch
 
 from rsmoe.config import ModelArgs
 from rsmoe.models.router import make_router
+
+log = logging.getLogger(__name__)
 
 # RSICap's instruction templates: Stage I sees them all, so the LLM Block follows any of them.
 PROMPT_CACHE_SIZE = 4096  # distinct prompts kept tokenized (caption prompts: a few dozen)
@@ -50,6 +53,7 @@ class Processor:
     def __post_init__(self) -> None:
         self.router = make_router(self.router_mode, self.experts, self.expert_parts)
         self._prompt_cache: dict[str, list[int]] = {}
+        self._warned_long = False
         if self.llm_tokenizer.eos_token_id is None:
             raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
 
@@ -75,7 +79,12 @@ class Processor:
         if ids is None:
             if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:  # question prompts are open-ended
                 self._prompt_cache.clear()
-            ids = self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"][: self.max_prompt_len]
+            ids = self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_prompt_len and not self._warned_long:
+                log.warning("a prompt has %d tokens, cut to model.max_prompt_len=%d (its end, 'Response:', is lost): %r; "
+                            "raise model.max_prompt_len", len(ids), self.max_prompt_len, prompt[:120])
+                self._warned_long = True
+            ids = ids[: self.max_prompt_len]
             self._prompt_cache[prompt] = ids
         return ids
 

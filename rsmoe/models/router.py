@@ -40,6 +40,10 @@ EXPERT_TASKS = {
     "relations": "Describe how the objects are arranged: their positions and relations to each other.",
 }
 
+# An expert covering several parts (model.expert_parts) gets one short sentence naming them all, so its
+# prompt stays within max_prompt_len (the three single-part sentences together would not).
+PART_ASPECTS = {"theme": "the scene", "objects": "the objects (kinds, counts, colours)", "relations": "their arrangement"}
+
 # Question types (RSVQA, RSIEval) and keywords -> the caption part whose expert answers.
 TYPE_TO_EXPERT = {
     "presence": "objects",
@@ -85,7 +89,14 @@ class TemplateRouter:
     def caption_prompts(self, instruction: str | None) -> list[str]:
         """One prompt per expert, in `experts` order."""
         instr = (instruction or DEFAULT_CAPTION_INSTRUCTION).strip()
-        return [f"{instr} {' '.join(EXPERT_TASKS.get(p, f'Focus on the {p}.') for p in self.parts[e])}" for e in self.experts]
+        return [f"{instr} {self.task(e)}" for e in self.experts]
+
+    def task(self, expert: str) -> str:
+        parts = self.parts[expert]
+        if len(parts) == 1:
+            return EXPERT_TASKS.get(parts[0], f"Focus on the {parts[0]}.")
+        aspects = [PART_ASPECTS.get(p, f"the {p}") for p in parts]
+        return f"Describe {', '.join(aspects[:-1])} and {aspects[-1]}."
 
     def expert_of_part(self, part: str | None) -> str | None:
         return next((e for e in self.experts if part in self.parts[e]), None)

@@ -89,7 +89,7 @@ def test_expert_parts_merge_targets_and_follow_routes():
     rows = proc.stage2_inputs(batch, random.Random(0), [0, 1])
     assert rows["adapter_index"].tolist() == [0, 1, 0]
     prompt = proc.router.caption_prompts("x")[1]
-    assert "objects in the image" in prompt and "arranged" in prompt  # both parts' tasks
+    assert prompt == "x Describe the objects (kinds, counts, colours) and their arrangement."  # both parts, one sentence
     assert proc.router.route_question("q", "count") == "objects_relations"
     assert proc.router.route_question("q", "comp") == "objects_relations"
     assert proc.router.route_question("q", "rural_urban") == "theme"
@@ -303,3 +303,19 @@ def test_one_stage_trains_from_an_untrained_start_and_loads(sample_shards, tmp_p
     base_fresh = fresh.experts.base_state_dict()
     for k, v in t.model.experts.base_state_dict().items():
         assert torch.equal(v, base_fresh[k]), k  # the no-op Stage I adapter left the base as built
+
+
+def test_eval_report_shows_the_expert_and_the_routers_confidence(tmp_path):
+    from rsmoe.eval.report import write_report
+
+    items = [{"key": "k", "qa": [
+        {"question": "How many?", "type": "count", "answer": "2", "prediction": "2", "expert": "objects", "route": "learned",
+         "confidence": 0.8312},
+        {"question": "Rural?", "type": "rural_urban", "answer": "yes", "prediction": "no", "expert": "theme", "route": "type",
+         "confidence": None}]}]
+    paths = write_report(tmp_path, {"meta": {"router": "learned"}}, items)
+    md, page = paths["md"].read_text(), paths["html"].read_text()
+    assert "| How many? | count | objects (0.83) |" in md and "| Rural? | rural_urban | theme |" in md
+    assert "<td>objects (0.83)</td>" in page
+    saved = json.loads(paths["json"].read_text())["items"][0]["qa"]
+    assert [(q["route"], q["confidence"]) for q in saved] == [("learned", 0.8312), ("type", None)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+PLOT_HINT = "pip install 'rsmoe[plot]' (matplotlib==3.11.2)"
+
 
 def plot_arms(table: Mapping[str, Any], path: Path) -> tuple[Path | None, str | None]:
     """Write the plot; (path, None), or (None, a note saying why not) when matplotlib is not installed."""
@@ -14,8 +16,6 @@ def plot_arms(table: Mapping[str, Any], path: Path) -> tuple[Path | None, str | 
         matplotlib.use("Agg")  # no display on compute nodes
         import matplotlib.pyplot as plt
     except ImportError:
-        from rsmoe.ablation.table import PLOT_HINT
-
         return None, f"No plot: matplotlib is not installed ({PLOT_HINT})."
     rows = [r for r in table["rows"] if "missing" not in r]
     panels = [("CIDEr", lambda r: r["caption"].get("CIDEr")), ("VQA overall accuracy", lambda r: r["vqa"].get("overall"))]

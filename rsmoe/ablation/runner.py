@@ -35,6 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from rsmoe.ablation.arms import REFERENCE, Arm, select
+from rsmoe.ablation.table import build_table, eval_results, write_table
 from rsmoe.config import load_config
 from rsmoe.errors import Halted, UserError
 from rsmoe.io import model_dir
@@ -196,15 +197,6 @@ def train_finished(run: Path) -> bool:
     return d is not None and (d / model_dir.CONFIG).exists()
 
 
-def eval_results(eval_dir: Path) -> dict[str, Any] | None:
-    """The results.json of a finished evaluation; None when absent or cut short."""
-    f = eval_dir / "results.json"
-    try:
-        return json.loads(f.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -297,8 +289,6 @@ def _tail(path: Path, n: int = 15) -> str:
 
 def run_ablation(opts: AblationOptions) -> dict[str, Any]:
     """Plan, run what is not finished, write the table. Returns {'arms', 'jobs', 'table' (paths), 'timings'}."""
-    from rsmoe.ablation.table import build_table, write_table
-
     arms, jobs = plan(opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,23 @@ from typing import Any, Mapping
 import numpy as np
 
 from rsmoe.ablation.arms import Arm
+from rsmoe.ablation.plot import plot_arms
 from rsmoe.io.fs import atomic_write_text
 
 log = logging.getLogger("rsmoe.ablate")
 
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-PLOT_HINT = "pip install 'rsmoe[plot]' (matplotlib==3.11.2)"
 
 
 # ---------------------------------------------------------------- reading one arm's results
+
+
+def eval_results(eval_dir: Path) -> dict[str, Any] | None:
+    """The results.json of a finished evaluation; None when absent or cut short."""
+    try:
+        return json.loads((eval_dir / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _section(results: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -158,8 +166,6 @@ def paired_vqa_delta(arm: Mapping[str, Any], ref: Mapping[str, Any], *, n_resamp
 
 def build_table(out: Path, arms: list[Arm], timings: Mapping[str, Any], *, reference: str, n_resamples: int = 200,
                 config: str = "") -> dict[str, Any]:
-    from rsmoe.ablation.runner import eval_results
-
     results = {a.name: eval_results(out / a.name / "eval") for a in arms}
     ref = results.get(reference)
     vqa_types: list[str] = []
@@ -253,8 +259,6 @@ def to_markdown(table: Mapping[str, Any]) -> str:
 
 
 def write_table(out: Path, table: dict[str, Any], *, plot: bool = True) -> dict[str, Path | None]:
-    from rsmoe.ablation.plot import plot_arms
-
     paths: dict[str, Path | None] = {"md": out / "ablation.md", "json": out / "ablation.json", "png": None}
     note = None
     if plot:

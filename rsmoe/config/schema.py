@@ -72,6 +72,20 @@ class LoRAArgs:
 
 
 @dataclass
+class LearnedRouterArgs:
+    """The learned Instruction Router (`model.router=learned`, docs/router.md). Per expert: a small MLP
+    over [mean visual prefix | mean instruction embedding] that writes `soft_tokens` prompt vectors in the
+    LLM's embedding space (after the visual prefix, before the template prompt) and one VQA route logit."""
+
+    soft_tokens: int = 4
+    """Soft-prompt vectors per expert (0 = no soft prompts: only the VQA route head is learned)."""
+    hidden: int = 64
+    """Width of each expert's router MLP."""
+    route_loss_weight: float = 1.0
+    """Weight of the VQA route head's cross-entropy (target: the expert with the lowest answer loss) in the Stage II loss."""
+
+
+@dataclass
 class ModelArgs:
     vision: VisionArgs = field(default_factory=VisionArgs)
     qformer: QFormerArgs = field(default_factory=QFormerArgs)
@@ -79,7 +93,14 @@ class ModelArgs:
     lora: LoRAArgs = field(default_factory=LoRAArgs)
     experts: list[str] = field(default_factory=lambda: ["theme", "objects", "relations"])
     """Expert names, in caption-composition order. The template router knows theme/objects/relations."""
+    expert_parts: dict[str, list[str]] = field(default_factory=dict)
+    """Which caption parts (theme, objects, relations) each expert's Stage II target joins, in order, e.g.
+    {theme: [theme], content: [objects, relations]} for 2 experts. Empty: each expert reads the part of its own name."""
     router: str = "template"
+    """Instruction Router: 'none' (every expert gets the user's instruction; VQA goes to the first expert),
+    'template' (fixed per-expert prompts; VQA routed by question type, else keywords) or 'learned'
+    (template prompts + trained soft prompts and a trained VQA route head; docs/router.md)."""
+    learned_router: LearnedRouterArgs = field(default_factory=LearnedRouterArgs)
     max_prompt_len: int = 48
     max_target_len: int = 96
     train_qformer_stage2: bool = False
@@ -191,6 +212,10 @@ class TrainArgs:
     run_dir: str = "runs/default/stage1"
     init_from: str = ""
     """Stage II: the Stage I run directory whose final checkpoint initialises every expert."""
+    stage2_init: str = "stage1"
+    """Stage II's starting point: 'stage1' (the finished Stage I run in `init_from`) or 'untrained' (no
+    Stage I: the model as built from the config; the one-stage ablation arm, usually with
+    model.train_qformer_stage2=true)."""
     seed: int = 42
     deepspeed_config: str = "ds_configs/zero2.json"
     """ZeRO/offload/communication JSON; batch sizes, precision and optimizer come from this config."""

@@ -2,20 +2,27 @@
 
 Stage I: one row per sample (instruction -> whole caption, or a question -> answer).
 Stage II: one row per (sample, local expert): the router's prompt for that expert -> the
-expert's sub-caption. The Q-Former always reads the user's instruction (not the per-expert
-prompt), so the visual prefix is computed once per sample and shared by all experts.
+expert's target, its caption parts joined (`model.expert_parts`). The Q-Former always reads the
+user's instruction (not the per-expert prompt), so the visual prefix is computed once per sample
+and shared by all experts. With the learned router (`model.router=learned`) each prefix's
+instruction also goes to the router in LLM tokens, and each question gets one row per local expert:
+the routed expert trains on it, the others' rows are probes whose losses pick the route head's target.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from dataclasses import dataclass
 
 import torch
 
+from rsmoe.config import ModelArgs
 from rsmoe.data.splitter import split_caption
-from rsmoe.models.router import TemplateRouter
+from rsmoe.models.router import make_router
+
+log = logging.getLogger(__name__)
 
 # RSICap's instruction templates: Stage I sees them all, so the LLM Block follows any of them.
 PROMPT_CACHE_SIZE = 4096  # distinct prompts kept tokenized (caption prompts: a few dozen)
@@ -43,18 +50,45 @@ class Processor:
     caption_source: str = "caption"
     """'caption': train on each sample's caption (and its parts); 'references': on one of its human
     references drawn per step (UCM-style datasets have 5 per image; parts split from the one drawn)."""
+    router_mode: str = "template"
+    """'none', 'template' or 'learned' (rsmoe.models.router)."""
+    expert_parts: dict[str, list[str]] | None = None
+    """expert -> the caption parts its target joins (None: the part of its own name)."""
 
     def __post_init__(self) -> None:
-        self.router = TemplateRouter(self.experts)
+        self.router = make_router(self.router_mode, self.experts, self.expert_parts)
+        self._warned_long = False
         # Prompts come from a few templates per expert: tokenize each once, not once per row. Bounded
         # (least recently used out), because question prompts are open-ended. Per instance: one tokenizer each.
         self._prompt_ids = functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._tokenize_prompt)
         if self.llm_tokenizer.eos_token_id is None:
             raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
 
+    @classmethod
+    def for_model(cls, m: ModelArgs, llm_tokenizer, qformer_tokenizer, caption_source: str = "caption") -> "Processor":
+        """The processor of a model config (training, inference and evaluation build it the same way;
+        `caption_source` (data.caption_source) matters only to training targets)."""
+        return cls(llm_tokenizer, qformer_tokenizer, list(m.experts), m.max_prompt_len, m.max_target_len,
+                   m.qformer.max_instruction_len, caption_source=caption_source, router_mode=m.router,
+                   expert_parts=dict(m.expert_parts))
+
+    @property
+    def learned(self) -> bool:
+        return self.router.mode == "learned"
+
+    def expert_target(self, parts: dict, expert: str) -> str:
+        """The expert's Stage II target: its caption parts joined in order (empty parts left out)."""
+        texts = [str(parts.get(p, "") or "").strip() for p in self.router.parts[expert]]
+        return " ".join(t for t in texts if t)
+
     # ------------------------------------------------------------ text -> ids
     def _tokenize_prompt(self, prompt: str) -> list[int]:
-        return self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"][: self.max_prompt_len]
+        ids = self.llm_tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_len and not self._warned_long:
+            log.warning("a prompt has %d tokens, cut to model.max_prompt_len=%d (its end, 'Response:', is lost): %r; "
+                        "raise model.max_prompt_len", len(ids), self.max_prompt_len, prompt[:120])
+            self._warned_long = True
+        return ids[: self.max_prompt_len]
 
     def _encode_rows(self, rows: list[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
         """(prompt, target or None) -> (prompt ids, target ids + eos); targets in one batched tokenizer call."""
@@ -62,6 +96,12 @@ class Processor:
         encoded = iter(self.llm_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         eos = self.llm_tokenizer.eos_token_id
         return [(self._prompt_ids(p), [] if t is None else next(encoded)[: self.max_target_len - 1] + [eos]) for p, t in rows]
+
+    def encode_router_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instructions in LLM tokens, for the learned router (it averages their frozen embeddings)."""
+        enc = self.llm_tokenizer(instructions, padding="longest", truncation=True, max_length=self.max_instruction_len,
+                                 add_special_tokens=False, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
 
     def encode_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.qformer_tokenizer(
@@ -125,15 +165,18 @@ class Processor:
     ) -> dict[str, torch.Tensor]:
         """Rows for the experts in `expert_ids` (global ids; adapter slot = position in that list).
 
-        An expert gets a row only where its sub-caption is non-empty (training it on empty targets
+        An expert gets a row only where its target is non-empty (training it on empty targets
         teaches it to stop at once); if a local expert would get no row at all in this batch it keeps
         one prompt-only row without labels, so every adapter is in every forward but learns nothing
         from it. With `vqa_prob`, a sample also adds one question row
         for the expert the router sends it to, with its own visual prefix (the Q-Former reads the
-        question, as at inference). Every rank of an EP group draws the same random numbers and the
+        question, as at inference); the learned router adds every other local expert's answer to it as
+        a probe row (`row_weight` 0). Every rank of an EP group draws the same random numbers and the
         same prefixes; only which rows it keeps depends on its experts.
         """
-        instructions, visual_index, rows, slots, samples = [], [], [], [], []
+        instructions, visual_index, rows, slots, samples, weights = [], [], [], [], [], []
+        question_rows: list[list[int]] = [[] for _ in expert_ids]
+        question_prefix: list[int] = []
         empty: dict[int, tuple] = {}
         for i in range(len(batch["caption"])):
             instr = self.instruction_for(batch, i, rng)
@@ -143,13 +186,14 @@ class Processor:
             prompts = self.router.caption_prompts(instr)
             parts = self.target_for(batch, i, rng)[1]
             for slot, eid in enumerate(expert_ids):
-                target = parts.get(self.experts[eid], "").strip()
+                target = self.expert_target(parts, self.experts[eid])
                 if not target:
                     empty.setdefault(slot, ((prompts[eid], None), prefix_id))
                     continue
                 rows.append((prompts[eid], target))
                 slots.append(slot)
                 samples.append(prefix_id)
+                weights.append(1.0)
             qa = (batch.get("qa") or [[]] * len(batch["caption"]))[i]
             if qa and vqa_prob > 0 and rng.random() < vqa_prob:
                 item = rng.choice(qa)
@@ -158,18 +202,33 @@ class Processor:
                 instructions.append(question)
                 visual_index.append(i)
                 eid = self.experts.index(self.router.route_question(item["question"], item.get("type")))
-                if eid in expert_ids:
+                if self.learned:
+                    question_prefix.append(prefix_id)
+                    for slot, local in enumerate(expert_ids):
+                        question_rows[slot].append(len(rows))
+                        rows.append((question, str(item["answer"])))
+                        slots.append(slot)
+                        samples.append(prefix_id)
+                        weights.append(1.0 if local == eid else 0.0)
+                elif eid in expert_ids:
                     rows.append((question, str(item["answer"])))
                     slots.append(expert_ids.index(eid))
                     samples.append(prefix_id)
+                    weights.append(1.0)
         for slot, (row, prefix_id) in sorted(empty.items()):
             if slot not in slots:
                 rows.append(row)
                 slots.append(slot)
                 samples.append(prefix_id)
+                weights.append(1.0)
         out = self._pad_right(self._encode_rows(rows))
         out["adapter_index"] = torch.tensor(slots, dtype=torch.long)
         out["row_sample"] = torch.tensor(samples, dtype=torch.long)
+        if self.learned:
+            out["row_weight"] = torch.tensor(weights, dtype=torch.float32)
+            out["question_rows"] = torch.tensor(question_rows, dtype=torch.long).view(len(expert_ids), len(question_prefix))
+            out["question_prefix"] = torch.tensor(question_prefix, dtype=torch.long)
+            out["router_input_ids"], out["router_attention_mask"] = self.encode_router_instructions(instructions)
         return self._with_visual_inputs(out, batch, instructions, visual_index)
 
     def _with_visual_inputs(

@@ -14,6 +14,10 @@ same batch; the dp ranks holding one block form its expert-DP group.
   written by that block's expert-DP group (each block's DP rank 0 writes the model file).
 - Logging and sample generations: per-expert losses and generated sub-captions are gathered over the
   EP group, so rank 0 logs every expert and composes whole captions.
+- Learned router (`model.router=learned`): stacked per expert like the adapters, so a rank holds and
+  trains only its experts' routers (same groups, same norm). The VQA route head's target needs every
+  expert's answer loss on a question: the model gathers the per-expert losses and route logits over the
+  EP group (`RSMoE.expert_gather`), and each rank back-propagates its share of the cross-entropy.
 
 Training the Q-Former in Stage II (`model.train_qformer_stage2=true`) with ep > 1 is refused: its
 gradient would need a second engine reduced over the whole world (docs/design.md, parallelism); use ep=1 for that.
@@ -91,10 +95,17 @@ class ExpertParallel:
         """Install the sliced visual prefix; mark the adapters as the model-parallel part of the model."""
         if not self.enabled:
             return
-        lora = {id(p) for p in model.experts.lora_parameters()}
-        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora]
+        per_expert = list(model.experts.lora_parameters())
+        if getattr(model, "router", None) is not None:
+            # The learned router is stacked per expert like the adapters: each EP rank holds (and trains)
+            # its own experts' routers, so the same expert-DP reduction and EP-wide norm apply.
+            per_expert += list(model.router.parameters())
+            group = self.layout.group("ep")
+            model.expert_gather = lambda t: collectives.all_gather_cat(t, group)  # EP rank e = block e: expert order
+        mine = {id(p) for p in per_expert}
+        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in mine]
         if others:  # their gradient would be averaged over the expert-DP group only, and norm-counted ep times
-            raise RuntimeError(f"expert parallelism trains only the experts' adapters, but these also train: {others[:5]}")
+            raise RuntimeError(f"expert parallelism trains only the experts' adapters and routers, but these also train: {others[:5]}")
         sliced = SlicedVisualPrefix(self.layout.group("ep"), self.layout.ep, self.layout.ep_rank)
         if model.prefix_fn is None:
             model.prefix_fn = sliced
@@ -104,7 +115,7 @@ class ExpertParallel:
             model.prefix_fn.stack_inner(sliced, self.layout.group("ep"))
         else:
             raise RuntimeError(f"expert parallelism cannot stack on the model's prefix_fn {model.prefix_fn!r}")
-        for p in model.experts.lora_parameters():
+        for p in per_expert:
             # Different on every EP rank: DeepSpeed counts such parameters on every model-parallel rank.
             p.model_parallel = True
         log.info("expert parallel: ep %d x dp %d, this rank holds %s; visual prefix on 1/%d of each batch",

@@ -226,6 +226,12 @@ def grounding_lines(g: Mapping[str, Any], scale: float = 100.0) -> list[str]:
     return lines
 
 
+def _expert_cell(qa: Mapping[str, Any]) -> str:
+    """The expert that answered, with the learned router's confidence when it chose."""
+    conf = qa.get("confidence")
+    return f"{qa.get('expert', '')} ({float(conf):.2f})" if conf is not None else str(qa.get("expert", ""))
+
+
 def _md(text: Any) -> str:
     """Make text safe inside a Markdown table cell."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
@@ -285,7 +291,7 @@ def _render_md(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]], t
         qas = item.get("qa") or []
         if qas:
             cqas = ctrl.get("qa") or []
-            head = "| question | type | expert | prediction | answer | correct |" + (" control prediction | control correct |" if cqas else "")
+            head = "| question | type | expert (router confidence) | prediction | answer | correct |" + (" control prediction | control correct |" if cqas else "")
             lines += [head, "|---|---|---|---|---|---|" + ("---|---|" if cqas else "")]
             for j, qa in enumerate(qas):
                 extra = ""
@@ -293,7 +299,7 @@ def _render_md(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]], t
                     cqa = cqas[j]
                     extra = f" {_md(cqa.get('prediction', ''))} | {'yes' if _qa_correct({**qa, **cqa}) else 'no'} |"
                 lines.append(
-                    f"| {_md(qa.get('question', ''))} | {_md(qa.get('type', ''))} | {_md(qa.get('expert', ''))} "
+                    f"| {_md(qa.get('question', ''))} | {_md(qa.get('type', ''))} | {_md(_expert_cell(qa))} "
                     f"| {_md(qa.get('prediction', ''))} | {_md(qa.get('answer', ''))} | {'yes' if _qa_correct(qa) else 'no'} |" + extra
                 )
             lines.append("")
@@ -371,11 +377,12 @@ def _render_html(results: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
         qas = item.get("qa") or []
         if qas:
             cqas = ctrl.get("qa") or []
-            out.append("<table><tr><th>question</th><th>type</th><th>expert</th><th>prediction</th><th>answer</th><th>correct</th>"
+            out.append("<table><tr><th>question</th><th>type</th><th>expert (router confidence)</th><th>prediction</th><th>answer</th><th>correct</th>"
                        + ("<th>control prediction</th><th>control correct</th>" if cqas else "") + "</tr>")
             for j, qa in enumerate(qas):
                 ok = _qa_correct(qa)
-                cells = "".join(f"<td>{e(str(qa.get(k, '')))}</td>" for k in ("question", "type", "expert", "prediction", "answer"))
+                cells = "".join(f"<td>{e(str(c))}</td>" for c in (qa.get("question", ""), qa.get("type", ""), _expert_cell(qa),
+                                                                     qa.get("prediction", ""), qa.get("answer", "")))
                 cells += f"<td class='{'ok' if ok else 'bad'}'>{'yes' if ok else 'no'}</td>"
                 if cqas:
                     cok = _qa_correct({**qa, **cqas[j]})

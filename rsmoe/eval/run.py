@@ -227,7 +227,8 @@ def generate_items(trained: Trained, batch: dict, opts: EvalOptions, cap_gen, vq
             items[i]["qa"] = []
         for (i, q), a in zip(rows, answer_rows(trained, pixels, rows, opts.vqa_batch_size, vqa_gen)):
             items[i]["qa"].append({"question": q["question"], "type": q.get("type", ""), "answer": q["answer"],
-                                   "prediction": a["answer"], "expert": a["expert"]})
+                                   "prediction": a["answer"], "expert": a["expert"],
+                                   "route": a.get("route"), "confidence": a.get("confidence")})
     if control is not None:
         control_arm(trained, items, instr, control, cap_gen=cap_gen, vqa_gen=vqa_gen, vqa_batch_size=opts.vqa_batch_size,
                     sequential=opts.sequential, device=pixels.device)
@@ -455,6 +456,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
                        "experts": "in turn" if opts.sequential else "one batched generate call"},
         "caption_instruction": opts.instruction or "the sample's instruction, else the router's default",
         "vqa_prompt": trained.processor.router.question_prompt("<question>"),
+        "router": trained.cfg.model.router if trained.stage == 2 else "none (Stage I: one LLM)",
         "limit": opts.limit,
         "questions_per_image": opts.questions_per_image,
         "bootstrap_resamples": opts.bootstrap,

@@ -59,8 +59,8 @@ def _hit_limit(out: torch.Tensor, processor: Processor) -> list[bool]:
 
 
 def generate_rows(model, processor, prefix, row_sample, prompts, slots, gen, sequential):
-    """Prompt rows (row i reads prefix[row_sample[i]] with adapter slot slots[i]) -> (texts, hit_limit)
-    per row, in one batched generate (sequential: one call per adapter slot)."""
+    """Prompt rows (row i reads prefix[row_sample[i]], e.g. `expert_rows`, with adapter slot slots[i])
+    -> (texts, hit_limit) per row, in one batched generate (sequential: one call per adapter slot)."""
     ids, mask = processor.generation_rows(prompts)
     dev = prefix.device
     adapter_index = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -100,6 +100,7 @@ def caption(
     dev = next(model.experts.parameters()).device
     qids, qmask = processor.encode_instructions(instr)
     prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev))
+    soft, _ = router_outputs(model, processor, prefix, instr)
     names = model.expert_names
     prompts, slots, samples = [], [], []
     for i in range(b):
@@ -112,7 +113,8 @@ def caption(
             prompts.append(p)
             slots.append(slot)
             samples.append(i)
-    texts, cut = generate_rows(model, processor, prefix, samples, prompts, slots, gen, sequential)
+    rows = expert_rows(model, prefix, samples, slots, soft)
+    texts, cut = generate_rows(model, processor, rows, list(range(len(prompts))), prompts, slots, gen, sequential)
     results = []
     k = len(names)
     for i in range(b):
@@ -120,6 +122,22 @@ def caption(
         truncated = [names[s] for s in range(k) if cut[i * k + s]]
         results.append({"experts": parts, "caption": compose_caption(parts, names, truncated), "truncated": truncated})
     return results
+
+
+def router_outputs(model: RSMoE, processor: Processor, prefix: torch.Tensor, instructions: list[str]):
+    """The learned router's (soft prompts, route logits) for these prefixes; (None, None) without one."""
+    if getattr(model, "router", None) is None:
+        return None, None
+    ids, mask = processor.encode_router_instructions(instructions)
+    return model.router_outputs(prefix, ids.to(prefix.device), mask.to(prefix.device))
+
+
+def expert_rows(model: RSMoE, prefix: torch.Tensor, samples: list[int], slots: list[int], soft) -> torch.Tensor:
+    """The per-row inputs experts read before their prompt: prefix[samples[i]], then expert slots[i]'s soft
+    prompts when the router is learned."""
+    dev = prefix.device
+    return model.expert_rows(prefix, torch.tensor(samples, dtype=torch.long, device=dev),
+                             torch.tensor(slots, dtype=torch.long, device=dev), soft)
 
 
 def images_once(image_of: list[int]) -> tuple[list[int], list[int]]:
@@ -140,8 +158,11 @@ def answer(
     gen: GenerationArgs | None = None,
     image_index: list[int] | None = None,
 ) -> list[dict]:
-    """One dict per question: {'answer', 'expert'}; the router picks the expert.
+    """One dict per question: {'answer', 'expert', 'route', 'confidence'}; the router picks the expert.
 
+    `route` says how: 'learned' (the learned router's head, top-1; `confidence` = its softmax
+    probability of that expert), 'type' / 'keywords' / 'default' (the template's route, also the
+    fallback of an untrained head) or 'first' (`model.router=none`); `confidence` is None unless learned.
     `image_index[i]` is question i's image in `pixel_values`, so several questions about one image
     encode it once; None = one image per question."""
     gen = gen or GenerationArgs(max_new_tokens=8)
@@ -152,12 +173,26 @@ def answer(
     qids, qmask = processor.encode_instructions(prompts)
     index = None if image_index is None else torch.tensor(image_index, dtype=torch.long, device=dev)
     prefix = model.visual(pixel_values.to(dev), qids.to(dev), qmask.to(dev), index)
+    soft, logits = router_outputs(model, processor, prefix, prompts)
+    experts, routes, confidence = route_questions(model, processor, questions, types, logits)
+    slots = [model.expert_names.index(e) for e in experts]
+    rows = expert_rows(model, prefix, list(range(len(questions))), slots, soft)
+    texts, _ = generate_rows(model, processor, rows, list(range(len(questions))), prompts, slots, gen, False)
+    return [{"answer": t, "expert": e, "route": r, "confidence": c} for t, e, r, c in zip(texts, experts, routes, confidence)]
+
+
+def route_questions(model: RSMoE, processor: Processor, questions: list[str], types: list[str | None],
+                    logits: torch.Tensor | None) -> tuple[list[str], list[str], list[float | None]]:
+    """(expert, how it was chosen, confidence) per question: a Stage I model's single expert; the learned
+    router's head (top-1; its softmax probability) once trained; else the template's route."""
     names = model.expert_names
+    confidence: list[float | None] = [None] * len(questions)
     if names == [STAGE1_EXPERT]:
-        experts = [STAGE1_EXPERT] * len(questions)
-    else:
-        experts = [processor.router.route_question(q, t) for q, t in zip(questions, types)]
-        experts = [e if e in names else names[0] for e in experts]
-    slots = [names.index(e) for e in experts]
-    texts, _ = generate_rows(model, processor, prefix, list(range(len(questions))), prompts, slots, gen, False)
-    return [{"answer": t, "expert": e} for t, e in zip(texts, experts)]
+        return [STAGE1_EXPERT] * len(questions), ["stage1"] * len(questions), confidence
+    if logits is not None and model.router.route_trained():
+        probs = torch.softmax(logits.float(), dim=-1)
+        best = probs.argmax(dim=-1)
+        return ([names[int(k)] for k in best], ["learned"] * len(questions),
+                [round(float(probs[i, k]), 4) for i, k in enumerate(best)])
+    chosen = [processor.router.route_with_reason(q, t) for q, t in zip(questions, types)]
+    return [e if e in names else names[0] for e, _ in chosen], [r for _, r in chosen], confidence

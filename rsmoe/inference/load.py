@@ -84,7 +84,7 @@ def load_trained(path: str | Path, device: str | torch.device = "auto", dtype: s
     model.to(device=dev, dtype=pick_dtype(dtype, dev))
     model.eval()
     model.requires_grad_(False)
-    processor = Processor(llm_tok, q_tok, m.experts, m.max_prompt_len, m.max_target_len, m.qformer.max_instruction_len)
+    processor = Processor.for_model(m, llm_tok, q_tok)
     log.info("loaded stage-%d model %s (experts %s) on %s", stage, d, model.expert_names, dev)
     return Trained(model, processor, cfg, d, stage, dev)
 

@@ -14,6 +14,7 @@ The export directory (docs/export.md):
                                Stage II = base LLM with the Stage I LoRA merged in; Stage I = the base LLM
   adapters/<expert>/           one peft LoRA adapter per expert (Stage I: adapters/llm)
   merged/<expert>/             --merge: peft's merge_and_unload of base + that adapter (AutoModelForCausalLM + tokenizer)
+  router/                      model.router=learned: config.json + <expert>.safetensors (rsmoe.io.router_files)
 
 Nothing here needs a launcher or DeepSpeed's runtime: checkpoint tags are read with
 deepspeed.utils.zero_to_fp32 (any ZeRO stage, any number of ranks, per-expert engine folders).
@@ -39,6 +40,7 @@ from rsmoe.config import TrainArgs, dump_config, read_config
 from rsmoe.errors import UserError
 from rsmoe.io import adapters, checkpoints, model_dir
 from rsmoe.io.fs import save_safetensors
+from rsmoe.io.router_files import export_router
 from rsmoe.io.safe_load import restricted_unpickling
 from rsmoe.models.build import build_model
 from rsmoe.models.model import VisionTokens
@@ -153,7 +155,7 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
                 if name not in params:
                     raise ExportError(f"{ds_dir}: tensor {key} has no place in the model built from config.yaml")
                 target = params[name]
-                if ".lora_" in name and eids is not None:
+                if _per_expert(name) and eids is not None:
                     # Adapter stacks hold only the engine's own experts: (n_local, ...) -> their global slots.
                     if value.shape[0] != len(eids):
                         raise ExportError(f"{ds_dir}: {key} holds {value.shape[0]} adapters, engine metadata lists {eids}")
@@ -164,7 +166,7 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
                 if value.shape != target.shape:
                     raise ExportError(f"{ds_dir}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
                 target.copy_(value)
-                if ".lora_" in name:
+                if _per_expert(name):
                     covered.update(f"{name}[{e}]" for e in model.experts.expert_ids)
                 else:
                     covered.add(name)
@@ -174,7 +176,7 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
     for name, p in params.items():
         if not p.requires_grad:
             continue
-        if ".lora_" in name:
+        if _per_expert(name):
             wanted.update(f"{name}[{e}]" for e in model.experts.expert_ids)
         else:
             wanted.add(name)
@@ -185,6 +187,11 @@ def overlay_checkpoint(model, tag_dir: Path) -> dict[str, Any]:
             "checkpoint folder is missing or was written for another config"
         )
     return {"engines": engines}
+
+
+def _per_expert(name: str) -> bool:
+    """Parameters stacked by expert slot: the adapters and (model.router=learned) the router (issue 17)."""
+    return ".lora_" in name or name.startswith("router.")
 
 
 def build_full_model(src: Source):
@@ -198,14 +205,15 @@ def build_full_model(src: Source):
     # training built them), Stage II's starting point from its Stage I directory, trainable states from ZeRO.
     if args.stage == 2:
         try:
-            stage1 = model_dir.stage1_dir(args.init_from)
+            init_dir = model_dir.stage2_init_dir(args)  # None: stage2_init=untrained, nothing to load
         except model_dir.ModelDirError:
             raise ExportError(
                 f"{src.run_dir}/config.yaml: this Stage II run started from init_from={args.init_from!r}, which is not a "
                 "finished Stage I run any more; a checkpoint tag holds only the Stage II adapters, so the Stage I run "
                 "directory must be there (restore or copy it back, or export from the Stage II run's final/ instead)"
             ) from None
-        model_dir.load_stage1_parts(stage1, model)
+        if init_dir is not None:
+            model_dir.load_stage1_parts(init_dir, model)
         model.to_stage2(list(range(len(args.model.experts))), args.seed, args.model.experts,
                         train_qformer=args.model.train_qformer_stage2)
     src.info.update(overlay_checkpoint(model, checkpoints.checkpoint_dir(src.run_dir) / src.tag))
@@ -312,8 +320,10 @@ def export_run(
                 row["merged"] = f"merged/{name}"
                 del lm
             expert_rows.append(row)
+        router_info = export_router(model.router, names, tmp / "router", chosen) if model.router is not None else None
     dump_config(args, tmp / "config.yaml")
     manifest = _manifest(src, args, visual_info, expert_rows, model)
+    manifest["router"] = router_info or {"mode": args.model.router}  # issue 17: the learned router's files, docs/router.md
     (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
     (tmp / "README.md").write_text(_readme(manifest))
     if out.exists():

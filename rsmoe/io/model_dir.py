@@ -6,6 +6,7 @@ ask, serve and export to read, in standard formats.
     frozen_random.safetensors    randomly initialised frozen parts (only for random presets)
     stage1_adapter/              Stage I LoRA as a peft adapter (merged into the base for Stage II)
     adapters/<expert>/           Stage II: one peft adapter directory per expert
+    router/<expert>.safetensors  Stage II with model.router=learned: each expert's router (rsmoe.io.router_files)
     INCOMPLETE                   present only while the directory is being written: a run killed
                                  mid-export leaves it, and every reader refuses the directory
 
@@ -23,14 +24,8 @@ import torch
 
 from rsmoe.config import TrainArgs, dump_config, read_config
 from rsmoe.errors import UserError
-from rsmoe.io import adapters
-from rsmoe.io.fs import (
-    atomic_write_text,
-    fsync_dir,
-    fsync_tree,
-    load_safetensors,
-    save_safetensors,
-)
+from rsmoe.io import adapters, router_files
+from rsmoe.io.fs import atomic_write_text, fsync_dir, fsync_tree, load_safetensors, save_safetensors
 
 VISUAL = "visual.safetensors"
 FROZEN_RANDOM = "frozen_random.safetensors"
@@ -119,6 +114,13 @@ def stage1_dir(init_from: str | Path | None) -> Path:
     return d
 
 
+def stage2_init_dir(args: TrainArgs) -> Path | None:
+    """Stage II's Stage I directory, or None for `stage2_init=untrained` (the one-stage arm)."""
+    if args.stage != 2 or args.stage2_init == "untrained":
+        return None
+    return stage1_dir(args.init_from)
+
+
 def run_config(model_dir: Path) -> TrainArgs:
     """The config a model directory was trained with."""
     return read_config(Path(model_dir) / CONFIG)
@@ -167,6 +169,8 @@ def load_finished_stage(model_dir: str | Path, model, args: TrainArgs) -> None:
         ids = list(range(len(experts)))
         model.to_stage2(ids, args.seed, experts, train_qformer=args.model.train_qformer_stage2)
         adapters.load_adapters(model.experts, {slot: d / ADAPTERS / experts[eid] for slot, eid in enumerate(ids)})
+        if model.router is not None:
+            router_files.load_router(d, model.router, experts)
     else:
         load_stage1_parts(d, model)
         model.expert_names = [STAGE1_EXPERT]
@@ -195,6 +199,13 @@ def write_stage_files(out: Path, args: TrainArgs, visual: dict[str, torch.Tensor
         shutil.copytree(init_dir / STAGE1_ADAPTER, out / STAGE1_ADAPTER, dirs_exist_ok=True)
         if (init_dir / FROZEN_RANDOM).exists():
             shutil.copyfile(init_dir / FROZEN_RANDOM, out / FROZEN_RANDOM)
+
+
+def write_noop_stage1_adapter(out: Path, experts, lora: dict[str, torch.Tensor]) -> None:
+    """A Stage II run without Stage I (`stage2_init=untrained`) had no Stage I LoRA: its stage1_adapter/
+    is the all-zero adapter (a no-op), so every reader loads the directory the usual way. `lora`: the
+    experts' stacked LoRA tensors (only their shapes are used)."""
+    adapters.write_adapters(experts, {0: out / STAGE1_ADAPTER}, state={k: torch.zeros_like(v) for k, v in lora.items()})
 
 
 def adapter_dir(out: Path, stage: int, expert: str) -> Path:

@@ -179,6 +179,10 @@ def build_model(m: ModelArgs, seed: int, tokenizers=None, *, fresh: bool = True)
         if proj is not None:
             visual.proj.load_state_dict(proj)
     _INSTRUCTBLIP_CACHE.clear()
-    model = RSMoE(visual, experts, ["llm"])
+    learned = None
+    if m.router == "learned":
+        lr = m.learned_router
+        learned = {"soft_tokens": lr.soft_tokens, "width": lr.hidden, "route_loss_weight": lr.route_loss_weight}
+    model = RSMoE(visual, experts, ["llm"], learned_router=learned)
     model.trainable_stage1()
     return model, llm_tok, q_tok

@@ -12,10 +12,12 @@ import logging
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
 from rsmoe.models.experts import ExpertLM
+from rsmoe.models.router import LearnedRouter, route_targets
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ class VisualPrefix(nn.Module):
 
 
 class RSMoE(nn.Module):
-    def __init__(self, visual: VisualPrefix, experts: ExpertLM, expert_names: list[str]):
+    def __init__(self, visual: VisualPrefix, experts: ExpertLM, expert_names: list[str],
+                 learned_router: dict | None = None):
         super().__init__()
         self.visual = visual
         self.experts = experts
@@ -122,6 +125,14 @@ class RSMoE(nn.Module):
         self.prefix_fn: Callable[..., torch.Tensor] | None = None
         # Training rows run as this many sub-batches of similar length (train.length_groups; 1 = one batch).
         self.length_groups = 1
+        # `model.router=learned`: LearnedRouter's settings ({soft_tokens, width, route_loss_weight}); the
+        # module itself exists from Stage II on (`to_stage2` builds it for the local experts).
+        self.learned_router = dict(learned_router) if learned_router else None
+        self.router: LearnedRouter | None = None
+        # (n_local, ...) per-expert tensor -> (n_experts, ...) in expert order. Expert parallelism sets an
+        # all-gather over the EP group (the route head's targets need every expert's answer loss); None =
+        # this process holds every expert.
+        self.expert_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ------------------------------------------------------------ stages
     def trainable_stage1(self) -> None:
@@ -137,14 +148,44 @@ class RSMoE(nn.Module):
         `expert_ids` index `all_names` (the config's experts); this model then answers to those names."""
         self.experts.merge_and_reset(expert_ids, seed)
         self.expert_names = [all_names[i] for i in expert_ids]
+        if self.learned_router is not None:
+            emb = self.experts.base.get_input_embeddings().weight
+            spec = self.learned_router
+            self.router = LearnedRouter(self.experts.hidden_size, expert_ids, soft_tokens=spec["soft_tokens"],
+                                        width=spec["width"], seed=seed, route_loss_weight=spec["route_loss_weight"],
+                                        token_embeddings=emb).to(device=emb.device, dtype=emb.dtype)
         self.requires_grad_(False)
         if train_qformer:
             self.visual.qformer.requires_grad_(True)
             self.visual.proj.requires_grad_(True)
         for p in self.experts.lora_parameters():
             p.requires_grad_(True)
+        if self.router is not None:
+            self.router.requires_grad_(True)
 
     # ------------------------------------------------------------ compute
+    def router_outputs(self, prefix: torch.Tensor, router_input_ids: torch.Tensor | None,
+                       router_attention_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The learned router on P prefixes: (soft prompts (P, n_local, k, H), route logits (P, n_local)),
+        or (None, None) without one. `router_input_ids`: each prefix's instruction in LLM tokens."""
+        if self.router is None:
+            return None, None
+        if router_input_ids is None:
+            raise ValueError("the learned router needs router_input_ids (Processor adds them when model.router=learned)")
+        with torch.no_grad():  # the frozen token embeddings of the instruction
+            embeds = self.experts.base.get_input_embeddings()(router_input_ids)
+        return self.router(prefix, embeds, router_attention_mask)
+
+    @staticmethod
+    def expert_rows(prefix: torch.Tensor, row_sample: torch.Tensor, adapter_index: torch.Tensor,
+                    soft: torch.Tensor | None) -> torch.Tensor:
+        """What each row's expert reads before its prompt: its visual prefix, then (learned router) that
+        expert's soft prompts for that prefix. (R, Q[+k], H)."""
+        rows = prefix[row_sample]
+        if soft is None or soft.shape[2] == 0:
+            return rows
+        return torch.cat([rows, soft[row_sample, adapter_index].to(rows.dtype)], dim=1)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -157,31 +198,83 @@ class RSMoE(nn.Module):
         qformer_attention_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
         prefix_image: torch.Tensor | None = None,
+        router_input_ids: torch.Tensor | None = None,
+        router_attention_mask: torch.Tensor | None = None,
+        row_weight: torch.Tensor | None = None,
+        question_rows: torch.Tensor | None = None,
+        question_prefix: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Rows (R) index prefixes (P) through `row_sample`; give images or a precomputed `prefix` (P,Q,H).
         A prefix is one (image, Q-Former instruction) pair: `prefix_image` (P,) picks its image from
         `pixel_values` (None: one image per prefix).
 
+        Learned router: `router_input_ids`/`mask` (P, L) are the prefixes' instructions in LLM tokens;
+        `row_weight` (R,) is 0 for probe rows (a question answered by an expert that does not train on it:
+        its loss only picks the route target); `question_rows` (n_local, Nq) the row of each local expert's
+        answer to question q, whose prefix is `question_prefix` (Nq,).
+
         Returns {'loss', 'expert_loss' (n_local,) token-mean per local expert (detached),
-        'expert_loss_sum' (n_local,) summed token loss, 'expert_tokens' (n_local,)}. A plain dict so
-        ZeRO-3's hooks can see the tensors.
+        'expert_loss_sum' (n_local,) summed token loss, 'expert_tokens' (n_local,)}, plus with the learned
+        router 'route_loss' (the route head's cross-entropy), 'route_acc', 'route_target' (Nq,) and
+        'route_losses' (n_experts, Nq), all detached. A plain dict so ZeRO-3's hooks can see the tensors.
         """
         if prefix is None:
             v_in = (pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
             prefix = self.visual(*v_in) if self.prefix_fn is None else self.prefix_fn(self.visual, *v_in)
-        row_loss, row_tokens = self.experts.forward_by_length(prefix[row_sample], input_ids, attention_mask, labels,
-                                                              adapter_index, self.length_groups)
+        soft, logits = self.router_outputs(prefix, router_input_ids, router_attention_mask)
+        rows = self.expert_rows(prefix, row_sample, adapter_index, soft)
+        row_loss, row_tokens = self.experts.forward_by_length(rows, input_ids, attention_mask, labels, adapter_index,
+                                                              self.length_groups)
         n = len(self.experts.expert_ids)
+        # Probe rows (weight 0) only pick the learned router's targets; they train no adapter.
+        weight = torch.ones_like(row_loss) if row_weight is None else row_weight.to(row_loss.dtype)
         zeros = torch.zeros(n, device=row_loss.device, dtype=row_loss.dtype)
-        tok = zeros.index_add(0, adapter_index, row_tokens.to(row_loss.dtype))
-        summed = zeros.index_add(0, adapter_index, row_loss)
+        tok = zeros.index_add(0, adapter_index, row_tokens.to(row_loss.dtype) * weight)
+        summed = zeros.index_add(0, adapter_index, row_loss * weight)
         if self.loss_per_sample:
-            has = (row_tokens > 0).to(row_loss.dtype)
+            has = (row_tokens > 0).to(row_loss.dtype) * weight
             row_mean = row_loss / row_tokens.clamp(min=1).to(row_loss.dtype)
-            expert_loss = zeros.index_add(0, adapter_index, row_mean) / zeros.index_add(0, adapter_index, has).clamp(min=1)
+            expert_loss = zeros.index_add(0, adapter_index, row_mean * weight) / zeros.index_add(0, adapter_index, has).clamp(min=1)
         else:
             expert_loss = summed / tok.clamp(min=1)
         # Sum (not mean) over experts: each adapter's gradient is that of its own loss, whatever the layout.
         loss = expert_loss.sum()
-        return {"loss": loss, "expert_loss": expert_loss.detach(), "expert_loss_sum": summed.detach(),
-                "expert_tokens": tok.detach()}
+        out = {"loss": loss, "expert_loss": expert_loss.detach(), "expert_loss_sum": summed.detach(),
+               "expert_tokens": tok.detach()}
+        if self.router is not None:
+            route = self.route_loss(logits, row_loss.detach() / row_tokens.clamp(min=1), question_rows, question_prefix)
+            out["loss"] = loss + self.router.route_loss_weight * route.pop("surrogate")
+            out.update(route)
+        return out
+
+    def route_loss(self, logits: torch.Tensor, row_mean_loss: torch.Tensor, question_rows: torch.Tensor | None,
+                   question_prefix: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The route head's loss: cross-entropy of softmax(logits over every expert) toward the expert whose
+        teacher-forced answer loss is lowest.
+
+        Under expert parallelism each rank holds some experts' logits and losses: both are gathered over
+        the EP group (`expert_gather`), and this rank's term is the surrogate sum((p - y) * logit) over its
+        own experts' logits, with p, y constants: its gradient is exactly the cross-entropy's gradient for
+        those logits, so the EP ranks together take the one-process gradient. 'surrogate' is what goes
+        into the loss; 'route_loss' is the cross-entropy's value, for logging."""
+        zero = logits.sum() * 0.0  # every router parameter stays in the graph (ZeRO reduces them on every rank)
+        nq = 0 if question_rows is None else question_rows.shape[1]
+        if nq == 0:
+            none = torch.zeros((), device=logits.device)
+            return {"surrogate": zero, "route_loss": none, "route_acc": none, "route_questions": none}
+        gather = self.expert_gather or (lambda t: t)
+        losses = gather(row_mean_loss[question_rows].float().contiguous())  # (n_experts, Nq)
+        local_logits = logits[question_prefix].t()  # (n_local, Nq)
+        all_logits = gather(local_logits.detach().float().contiguous())  # (n_experts, Nq)
+        target = route_targets(losses)
+        log_p = torch.log_softmax(all_logits, dim=0)
+        y = F.one_hot(target, all_logits.shape[0]).t().to(log_p.dtype)
+        coeff = (log_p.exp() - y) / nq
+        mine = torch.tensor(self.experts.expert_ids if self.expert_gather is not None else range(len(self.experts.expert_ids)),
+                            device=coeff.device)
+        surrogate = (coeff[mine].to(local_logits.dtype) * local_logits).sum() + zero
+        ce = -(log_p * y).sum(dim=0).mean()
+        acc = (all_logits.argmax(dim=0) == target).float().mean()
+        return {"surrogate": surrogate, "route_loss": ce.detach(), "route_acc": acc.detach(),
+                "route_questions": torch.tensor(float(nq), device=logits.device),
+                "route_target": target.detach(), "route_losses": losses.detach()}

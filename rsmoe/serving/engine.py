@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from rsmoe.config import GenerationArgs
-from rsmoe.inference.generate import generate_rows
+from rsmoe.inference.generate import expert_rows, generate_rows, route_questions, router_outputs
 from rsmoe.io.model_dir import STAGE1_EXPERT
 from rsmoe.models.compose import compose_caption
 from rsmoe.models.router import DEFAULT_CAPTION_INSTRUCTION
@@ -93,6 +93,7 @@ class Engine:
         pixels = torch.from_numpy(np.stack([j.pixels for j in jobs]))
         qids, qmask = proc.encode_instructions(instr)
         prefix = model.visual(pixels.to(dev), qids.to(dev), qmask.to(dev))
+        soft, _ = router_outputs(model, proc, prefix, instr)
         wanted = [list(j.experts) if j.experts else names for j in jobs]
         prompts, slots, samples = [], [], []
         for i, chosen in enumerate(wanted):
@@ -101,7 +102,8 @@ class Engine:
                 prompts.append(per_expert[0] if self.stage1 else per_expert[proc.experts.index(name)])
                 slots.append(names.index(name))
                 samples.append(i)
-        texts, cut = generate_rows(model, proc, prefix, samples, prompts, slots, gen, False)
+        rows = expert_rows(model, prefix, samples, slots, soft)
+        texts, cut = generate_rows(model, proc, rows, list(range(len(prompts))), prompts, slots, gen, False)
         out, row = [], 0
         for chosen in wanted:
             parts = dict(zip(chosen, texts[row : row + len(chosen)]))
@@ -111,14 +113,9 @@ class Engine:
         return out
 
     # ------------------------------------------------------------ answer
-    def route(self, question: str, qtype: str | None) -> str:
-        if self.stage1:
-            return STAGE1_EXPERT
-        e = self.processor.router.route_question(question, qtype)
-        return e if e in self.names else self.names[0]
-
     @torch.no_grad()
     def answer(self, jobs: list[AnswerJob], gen: GenerationArgs) -> list[dict]:
+        """A job naming an expert goes to it (no router confidence); the others go where `answer` sends them."""
         model, proc, names = self.model, self.processor, self.names
         model.eval()
         dev = self._device()
@@ -126,9 +123,12 @@ class Engine:
         pixels = torch.from_numpy(np.stack([j.pixels for j in jobs]))
         qids, qmask = proc.encode_instructions(prompts)
         prefix = model.visual(pixels.to(dev), qids.to(dev), qmask.to(dev))
-        experts = [j.expert or self.route(j.question, j.qtype) for j in jobs]
+        soft, logits = router_outputs(model, proc, prefix, prompts)
+        routed, _, confidence = route_questions(model, proc, [j.question for j in jobs], [j.qtype for j in jobs], logits)
+        experts = [j.expert or e for j, e in zip(jobs, routed)]
+        confidence = [None if j.expert else c for j, c in zip(jobs, confidence)]
         slots = [names.index(e) for e in experts]
-        texts, cut = generate_rows(model, proc, prefix, list(range(len(jobs))), prompts, slots, gen, False)
-        # router_confidence: the template router has none; a learned router will fill it in.
-        return [{"answer": t, "expert": e, "router_confidence": None, "truncated": c}
-                for t, e, c in zip(texts, experts, cut)]
+        rows = expert_rows(model, prefix, list(range(len(jobs))), slots, soft)
+        texts, cut = generate_rows(model, proc, rows, list(range(len(jobs))), prompts, slots, gen, False)
+        return [{"answer": t, "expert": e, "router_confidence": c, "truncated": k}
+                for t, e, c, k in zip(texts, experts, confidence, cut)]

@@ -18,19 +18,21 @@ log = logging.getLogger(__name__)
 
 
 def build_processor(args: TrainArgs, llm_tok, q_tok) -> Processor:
-    m = args.model
-    return Processor(llm_tok, q_tok, m.experts, m.max_prompt_len, m.max_target_len, m.qformer.max_instruction_len,
-                     caption_source=args.data.caption_source)
+    return Processor.for_model(args.model, llm_tok, q_tok, caption_source=args.data.caption_source)
 
 
 def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:
     """(model, processor, this rank's global expert ids). Stage II starts from Stage I's directory:
-    its LoRA merged into the base and one fresh adapter per expert this rank holds. With
+    its LoRA merged into the base and one fresh adapter per expert this rank holds (and, with the
+    learned router, a fresh router per expert). `stage2_init=untrained` (the one-stage arm) skips
+    Stage I: the model as built from the config, whose fresh Stage I adapter is a no-op (B = 0). With
     `data.feature_cache`, the cache is its prefix_fn, fingerprinted on the weights just loaded."""
-    model, llm_tok, q_tok = build_model(args.model, args.seed, fresh=args.stage == 1)
+    init_dir = model_dir.stage2_init_dir(args)
+    model, llm_tok, q_tok = build_model(args.model, args.seed, fresh=init_dir is None)
     local_ids = layout.local_expert_ids(args.stage)
     if args.stage == 2:
-        model_dir.load_stage1_parts(model_dir.stage1_dir(args.init_from), model)
+        if init_dir is not None:
+            model_dir.load_stage1_parts(init_dir, model)
         model.to_stage2(local_ids, args.seed, args.model.experts, train_qformer=args.model.train_qformer_stage2)
     model.loss_per_sample = args.train.loss_normalisation == "sample"
     attach_feature_cache(model, args.data.feature_cache, args.data.feature_cache_gb)

@@ -22,7 +22,7 @@ import torch
 
 from rsmoe.config import TrainArgs
 from rsmoe.distributed import collectives
-from rsmoe.io import adapters, checkpoints, model_dir
+from rsmoe.io import adapters, checkpoints, model_dir, router_files
 from rsmoe.io.fs import atomic_write_text, fsync_dir, fsync_tree
 from rsmoe.io.safe_load import restricted_unpickling
 from rsmoe.models.experts import ExpertLM
@@ -210,8 +210,9 @@ def random_frozen_prefixes(args: TrainArgs) -> list[str]:
 def write_final(model: RSMoE, args: TrainArgs, out: Path, *, init_dir: Path | None, write_adapters: bool) -> Path:
     """Write the model directory of a finished stage. Collective under ZeRO-3.
 
-    Stage II passes its Stage I directory as `init_dir` (rsmoe.io.model_dir.write_stage_files).
-    `write_adapters`: this rank writes its local experts' adapters (one rank per expert block).
+    Stage II passes its Stage I directory as `init_dir` (rsmoe.io.model_dir.write_stage_files); None
+    there means stage2_init=untrained. `write_adapters`: this rank writes its local experts' adapters
+    and, with the learned router, their router files (one rank per expert block).
     """
     random_frozen = random_frozen_prefixes(args)
     visual = gathered_state(model.visual, lambda n, p: not n.startswith("vision."))
@@ -221,14 +222,21 @@ def write_final(model: RSMoE, args: TrainArgs, out: Path, *, init_dir: Path | No
         else {}
     )
     lora = gathered_state(model.experts, lambda n, p: ".lora_" in n)
+    router = gathered_state(model.router, lambda n, p: True) if model.router is not None else None
+    experts = model.experts
+
     if collectives.rank() == 0:
         model_dir.begin_write(out)
         model_dir.write_stage_files(out, args, visual, frozen, init_dir)
+        if args.stage == 2 and init_dir is None:  # stage2_init=untrained: no Stage I LoRA existed
+            model_dir.write_noop_stage1_adapter(out, experts, lora)
     collectives.barrier()
     if write_adapters:
-        experts = model.experts
         dirs = {slot: model_dir.adapter_dir(out, args.stage, args.model.experts[eid]) for slot, eid in enumerate(experts.expert_ids)}
         adapters.write_adapters(experts, dirs, state=lora)
+        if router is not None:
+            for slot, eid in enumerate(experts.expert_ids):
+                router_files.write_expert_router(out, args.model.experts[eid], router_files.slot_state(router, slot))
     faults.fire("in_export", args.train.steps)
     collectives.barrier()
     if collectives.rank() == 0:

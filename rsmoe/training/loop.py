@@ -58,6 +58,9 @@ class StepResult:
     positions: int
     """LLM positions (prefix + text) this step processed over every rank."""
     seconds: float
+    route: torch.Tensor | None = None
+    """Learned router: (route loss x questions, route accuracy x questions, questions) summed over
+    micro-batches and data-parallel replicas; None for the other routers and Stage I."""
 
 
 def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, local_ids: list[int], args: TrainArgs,
@@ -70,6 +73,7 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
     loss_sum = torch.zeros(len(local_ids), device=engine.device)  # this rank's experts
     tokens = torch.zeros(len(local_ids), device=engine.device)
     positions = 0
+    route_sum = torch.zeros(3, device=engine.device)  # learned router: questions x (loss, acc), questions
     for micro in range(args.train.grad_accum):
         batch = next(data_iter)
         # Seeded per (step, micro, data rank): instruction choice is reproducible after resume.
@@ -84,12 +88,18 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
         engine.step()
         loss_sum += out["expert_loss_sum"].float()
         tokens += out["expert_tokens"].float()
-    # Summed over the expert's data-parallel replicas, then every expert's in order (EP gathers blocks).
+        if "route_loss" in out:
+            nq = out["route_questions"].float()
+            route_sum += torch.stack([out["route_loss"].float() * nq, out["route_acc"].float() * nq, nq])
+    # Summed over the expert's data-parallel replicas, then every expert's in order (EP gathers blocks). The
+    # route head's numbers are already whole-EP-group values (computed from gathered logits and losses).
     dp_group = layout.mpu(args.stage).get_data_parallel_group()
-    sums = collectives.all_sum(torch.cat([loss_sum, tokens]), dp_group)
-    loss_sum, tokens = ep_plan.all_expert_losses(sums[: len(local_ids)]), ep_plan.all_expert_losses(sums[len(local_ids):])
+    n = len(local_ids)
+    sums = collectives.all_sum(torch.cat([loss_sum, tokens, route_sum]), dp_group)
+    loss_sum, tokens = ep_plan.all_expert_losses(sums[:n]), ep_plan.all_expert_losses(sums[n : 2 * n])
+    route = sums[2 * n :].cpu() if processor.learned and args.stage == 2 else None
     step_positions = int(ep_plan.sum_over_ep(torch.tensor([float(positions)], dtype=torch.float64)).item()) * layout.dp
-    return StepResult(loss_sum.cpu(), tokens.cpu(), step_positions, time.time() - t0)
+    return StepResult(loss_sum.cpu(), tokens.cpu(), step_positions, time.time() - t0, route)
 
 
 def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep_plan: ExpertParallel) -> TrainState:
@@ -160,8 +170,9 @@ def train_stage(args: TrainArgs, info: WorldInfo, run_dir: Path) -> dict:
         state.tokens += result.positions
         state.data = loader.state_dict()
         guard.end_step(engine, state.step, ckpt.latest_tag)  # skipped on every rank, or halts
-        window.add(result.loss_sum, result.tokens)
-        last = losses = {k: v for k, v in window.scalars().items() if k.startswith("loss/")}
+        window.add(result.loss_sum, result.tokens, result.route)
+        last = {k: v for k, v in window.scalars().items() if k.startswith(("loss/", "route/"))}
+        losses = {k: v for k, v in last.items() if k.startswith("loss/")}
         if state.step % t.log_every == 0 or state.step == t.steps:
             gn = engine.get_global_grad_norm()
             metrics.log(state.step, {
@@ -195,7 +206,7 @@ def train_stage(args: TrainArgs, info: WorldInfo, run_dir: Path) -> dict:
     pbar.close()
 
     out = write_final(engine.module, args, run_dir / "final",
-                      init_dir=model_dir.stage1_dir(args.init_from) if args.stage == 2 else None,
+                      init_dir=model_dir.stage2_init_dir(args),  # router/ablation (issue 17): None for stage2_init=untrained
                       write_adapters=layout.dp_rank == 0)
     metrics.close()
     log.info("stage %d done: %d steps, final loss %s; model directory %s", args.stage, state.step,

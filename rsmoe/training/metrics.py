@@ -106,7 +106,9 @@ class LossWindow:
     A step adds each expert's summed token loss and token count (already summed over micro-batches
     and data-parallel replicas); `scalars` gives `loss/<expert>` = summed loss / tokens over the window,
     left out for an expert with no target token in it (a 0 there would read as a perfect loss),
-    `tokens/<expert>`, and `loss/total` = the token-weighted mean over every expert's tokens.
+    `tokens/<expert>`, and `loss/total` = the token-weighted mean over every expert's tokens. With the
+    learned router, `route/questions` and (when there were questions) the question-weighted
+    `route/loss` and `route/acc` of its route head.
     """
 
     def __init__(self, names: list[str]):
@@ -116,10 +118,14 @@ class LossWindow:
     def reset(self) -> None:
         self.loss = torch.zeros(len(self.names), dtype=torch.float64)
         self.tokens = torch.zeros(len(self.names), dtype=torch.float64)
+        self.route: torch.Tensor | None = None
 
-    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, route: torch.Tensor | None = None) -> None:
+        """`route`: (loss x questions, accuracy x questions, questions) of the learned router's head."""
         self.loss += loss_sum.double().cpu()
         self.tokens += tokens.double().cpu()
+        if route is not None:
+            self.route = route.double().cpu() + (0 if self.route is None else self.route)
 
     def scalars(self) -> dict[str, float]:
         total = float(self.tokens.sum())
@@ -128,4 +134,9 @@ class LossWindow:
             if tok > 0:
                 out[f"loss/{name}"] = loss / tok
         out.update({f"tokens/{name}": tok for name, tok in zip(self.names, self.tokens.tolist())})
+        if self.route is not None:
+            loss, acc, nq = self.route.tolist()
+            out["route/questions"] = nq
+            if nq:
+                out.update({"route/loss": loss / nq, "route/acc": acc / nq})
         return out

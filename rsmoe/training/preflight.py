@@ -78,8 +78,9 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
         expand_shards(args.data.train_shards)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"config key 'data.train_shards': {one_line(exc)}") from None
-    if args.stage == 2:
-        check_same_model_as_stage1(args, model_dir.stage1_dir(args.init_from))  # ModelDirError: the fix is in it
+    init_dir = model_dir.stage2_init_dir(args)  # ModelDirError with the fix in its message
+    if init_dir is not None:
+        check_same_model_as_stage1(args, init_dir)
     run_dir = Path(args.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,7 @@ def few_sample_shard(shard_dir: str | Path, out: Path, n: int = 3) -> str:
 
 # Variables a developer's shell may carry that would change what the launcher scripts do.
 SCRUB = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DS_ACCELERATOR",
-         "CONFIG", "RUN_ROOT", "RUN_DIR", "INIT_FROM", "DS_CONFIG", "GPUS", "NODES", "DEVICE", "MODEL",
+         "CONFIG", "RUN_ROOT", "RUN_DIR", "INIT_FROM", "STAGE2_INIT", "DS_CONFIG", "GPUS", "NODES", "DEVICE", "MODEL",
          "EVAL_SHARDS", "EVAL_ARGS", "EVAL", "SBATCH_ARGS", "SRUN_ARGS", "RSMOE_REPO", "PYTHON", "DRY_RUN")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft.utils import load_peft_weights
+from safetensors.torch import load_file
 
 from rsmoe.config import load_config
 from rsmoe.distributed.layout import ParallelLayout
@@ -83,13 +84,14 @@ def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None
     model, processor, ids = build_stage_model(args, ParallelLayout(n, 1, 1, 0))
     assert ids == list(range(n))
     layers = list(model.experts.lora_layers.values())
-    params = model.experts.lora_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # the adapters (+ the learned router)
     opt, sched = build_optimizer(params, args)
     loaders = [iter(build_train_loader(args, ParallelLayout(n, 1, dp, d))) for d in range(dp)]
     gas = args.train.grad_accum
-    losses, norms = [], []
+    losses, norms, routes = [], [], []
     for step in range(args.train.steps):
         loss_sum, tokens = torch.zeros(n), torch.zeros(n)
+        route = torch.zeros(2, dtype=torch.float64)  # learned router: sum of CE x questions, questions
         for micro in range(gas):
             for d in range(dp):
                 rng = random.Random(f"{args.seed}/{step}/{micro}/{d}")
@@ -97,7 +99,11 @@ def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None
                 (out["loss"] / (gas * dp)).backward()
                 loss_sum += out["expert_loss_sum"].detach()
                 tokens += out["expert_tokens"]
+                if "route_loss" in out:
+                    route += torch.tensor([float(out["route_loss"]) * float(out["route_questions"]), float(out["route_questions"])],
+                                          dtype=torch.float64)
         losses.append(loss_sum / tokens)  # what is logged: the token-weighted mean of the step (log_every=1)
+        routes.append(float(route[0] / route[1]) if route[1] else None)
         norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
         if clip_blocks is None:
             torch.nn.utils.clip_grad_norm_(params, args.optim.clip_grad)  # the global norm, as one process
@@ -113,7 +119,9 @@ def reference(overrides: list[str], dp: int, clip_blocks: list[list[int]] | None
         sched.step()
         opt.zero_grad(set_to_none=False)
     adapters = {args.model.experts[s]: model.experts.adapter_state(s) for s in range(n)}
-    return {"losses": losses, "norms": norms, "adapters": adapters, "names": list(args.model.experts)}
+    router = {args.model.experts[s]: model.router.slot_state(s) for s in range(n)} if model.router is not None else None
+    return {"losses": losses, "norms": norms, "adapters": adapters, "names": list(args.model.experts), "routes": routes,
+            "router": router}
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -146,6 +154,17 @@ def assert_matches(run_dir: Path, ref: dict) -> float:
         assert got.keys() == want.keys()
         for k in want:
             worst = max(worst, rel_err(got[k], want[k]))
+    if ref["router"] is not None:  # the learned router: route loss at every step, each expert's router at the end
+        assert any(r is not None for r in ref["routes"]), "no question rows: the route head was not exercised"
+        for step, want in enumerate(ref["routes"], start=1):
+            if want is not None:
+                assert rows[step]["route/loss"] == pytest.approx(want, rel=RTOL), step
+        for e, want in ref["router"].items():
+            got = load_file(run_dir / "final" / "router" / f"{e}.safetensors")
+            assert got.keys() == want.keys()
+            assert want["w_route"].abs().sum() > 0, f"{e}: the route head did not train"
+            for k in want:
+                worst = max(worst, rel_err(got[k], want[k]))
     print(f"{run_dir.name}: {len(rows)} steps, max rel. error per-expert loss {loss_err:.1e}, final adapters {worst:.1e}")
     assert worst <= RTOL, worst
     return worst
@@ -229,6 +248,19 @@ def test_ep3_three_experts_three_ranks(sample_shards, stage1, tmp_path):
     run = tmp_path / "ep3"
     launch_stage2(ov, run, "ds_configs/zero2.json", 3, 3)
     assert_matches(run, reference(ov, dp=1))
+
+
+def test_ep2_dp2_zero3_learned_router_equals_one_process(sample_shards, stage1, tmp_path):
+    """The learned router under expert parallelism: each EP rank trains its experts' routers, the route head's
+    targets and logits are gathered over the EP group; 2 experts x 2 DP replicas, ZeRO-3 with nothing
+    persistent (the routers really partitioned in their expert-DP group). Same per-expert and route losses,
+    grad norms, adapters and routers as one process."""
+    ov = stage2_overrides(sample_shards, stage1, TWO, steps=3) + ["model.router=learned", "data.vqa_prob=0.6"]
+    run = tmp_path / "ep2dp2-learned"
+    z3 = ds_json(tmp_path, 3, stage3_param_persistence_threshold=0)
+    out = launch_stage2(ov, run, z3, 4, 2)
+    assert "world 4 = ep 2 x dp 2" in out.stderr
+    assert_matches(run, reference(ov, dp=2))
 
 
 # ---------------------------------------------------------------- errors, before any heavy work

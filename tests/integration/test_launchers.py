@@ -112,6 +112,7 @@ def test_pipeline_stops_on_unfinished_stage(sample_shards, tmp_path):
         ("stage1.sh", {"NODES": "2"}, "NODES=2 needs MASTER_ADDR"),
         ("stage1.sh", {"PYTHON": "/nonexistent/python"}, "PYTHON='/nonexistent/python' not found"),
         ("stage2.sh", {"INIT_FROM": "/nonexistent/s1"}, "Stage II needs a finished Stage I run: '/nonexistent/s1'"),
+        ("stage2.sh", {"STAGE2_INIT": "untrained", "INIT_FROM": "runs/s1"}, "STAGE2_INIT=untrained starts Stage II without a Stage I run"),
         ("pipeline.sh", {"RUN_DIR": "runs/x"}, "pipeline.sh places the stages under RUN_ROOT"),
     ],
 )

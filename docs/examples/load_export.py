@@ -57,11 +57,16 @@ def load_visual(export_dir):
     @torch.no_grad()
     def prefix(pixel_values, qformer_input_ids, qformer_attention_mask):
         image = vision(pixel_values)
+        if info.get("token_norm"):  # model.vision.token_norm: parameter-free LayerNorm per encoder token
+            image = torch.nn.functional.layer_norm(image, image.shape[-1:])
         q = query_tokens.expand(image.shape[0], -1, -1)
         mask = torch.cat([torch.ones(q.shape[:2], dtype=qformer_attention_mask.dtype), qformer_attention_mask], dim=1)
         out = qformer(input_ids=qformer_input_ids, attention_mask=mask, query_embeds=q, encoder_hidden_states=image,
                       encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long))
-        return proj(out.last_hidden_state[:, : q.shape[1]])
+        out = proj(out.last_hidden_state[:, : q.shape[1]])
+        if info.get("prefix_rms"):  # model.prefix_norm: each token at the LLM word embeddings' RMS
+            out = out * (info["prefix_rms"] * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return out
 
     return prefix
 

@@ -226,6 +226,11 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError(f"config key 'data.caption_source': 'caption' or 'references', got {args.data.caption_source!r}")
     if args.optim.visual_lr_scale <= 0:
         raise ConfigError("config key 'optim.visual_lr_scale': must be > 0")
+    if args.train.itc_weight < 0 or args.train.itc_bank < 0:
+        raise ConfigError("config keys 'train.itc_weight' and 'train.itc_bank' must be >= 0")
+    if not 0 <= args.optim.adapter_delay_steps < max(1, args.train.steps):
+        raise ConfigError(f"config key 'optim.adapter_delay_steps': must be in [0, train.steps={args.train.steps}), "
+                          f"got {args.optim.adapter_delay_steps}")
     if m.vision.type not in ("vit", "efficientnet"):
         raise ConfigError(f"config key 'model.vision.type': 'vit' or 'efficientnet', got {m.vision.type!r}")
     if m.router not in ROUTER_MODES:

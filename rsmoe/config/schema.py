@@ -25,6 +25,9 @@ class VisionArgs:
     patch_size: int = 14
     image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    token_norm: bool = False
+    """Normalise each encoder token (parameter-free LayerNorm) before the Q-Former reads it. For encoders
+    whose output is not already layer-normed (EfficientNet); InstructBLIP's ViT ends in a LayerNorm."""
 
 
 @dataclass
@@ -101,6 +104,9 @@ class ModelArgs:
     'template' (fixed per-expert prompts; VQA routed by question type, else keywords) or 'learned'
     (template prompts + trained soft prompts and a trained VQA route head; docs/router.md)."""
     learned_router: LearnedRouterArgs = field(default_factory=LearnedRouterArgs)
+    prefix_norm: bool = False
+    """RMS-normalise each visual prefix token (after the projection) to the mean RMS of the LLM's word
+    embeddings (a constant of the frozen base): the prefix enters the LLM at the scale of its tokens."""
     max_prompt_len: int = 48
     max_target_len: int = 96
     train_qformer_stage2: bool = False
@@ -147,6 +153,11 @@ class OptimArgs:
     visual_lr_scale: float = 1.0
     """Learning rate of the visual side (Q-Former, queries, projection) = lr x this; the adapters use lr.
     A Q-Former initialised from a text BERT and a fresh projection start far from where they must go."""
+    adapter_delay_steps: int = 0
+    """The adapters' learning rate is 0 for this many first steps (then their own warmup and cosine over
+    the rest); the visual side trains from step 0. With the LLM still frozen, the loss falls only through
+    the visual prefix, so the Q-Former must carry the image before LoRA can learn the captions' language
+    prior (BLIP-2's frozen-LLM alignment, as a warm-up). Needs a trainable visual side (Stage I)."""
 
 
 @dataclass
@@ -166,6 +177,13 @@ class TrainLoopArgs:
     loss_normalisation: str = "token"
     """'token': each expert's loss is the mean over all its target tokens in the batch (a 200-word caption
     outweighs a 10-word one 20 to 1); 'sample': each sample's mean token loss, then the mean over samples."""
+    itc_weight: float = 0.0
+    """Stage I: weight of an image-text contrastive term (BLIP-2's ITC, in-batch) between each caption
+    row's visual prefix and its caption's word embeddings (RSMoE.itc_loss; no new parameters). 0 = off.
+    Logged as loss/itc. It keeps the images' prefixes apart, which the caption loss alone does not do."""
+    itc_bank: int = 256
+    """Recent caption vectors the contrastive term also contrasts each image with, beyond its micro-batch
+    (a micro-batch of 4 gives 3 negatives). Per rank, not saved in checkpoints (refills after a resume)."""
     length_groups: int = 1
     """Run each micro-batch's LLM rows as this many sub-batches of similar length, each padded only to its
     own longest row (1 = one batch padded to the batch's longest row). Same loss (each row's loss is the

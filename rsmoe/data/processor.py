@@ -144,20 +144,23 @@ class Processor:
         return given or rng.choice(CAPTION_INSTRUCTIONS)
 
     def stage1_inputs(self, batch: dict, rng: random.Random, vqa_prob: float = 0.0) -> dict[str, torch.Tensor]:
-        instructions, rows = [], []
+        instructions, rows, caption_row = [], [], []
         for i, caption in enumerate(batch["caption"]):
             qa = batch.get("qa", [[]] * len(batch["caption"]))[i]
             if qa and rng.random() < vqa_prob:
                 item = rng.choice(qa)
                 instr = self.router.question_prompt(item["question"])
                 rows.append((instr, str(item["answer"])))
+                caption_row.append(False)
             else:
                 instr = self.instruction_for(batch, i, rng)
                 rows.append((instr, self.target_for(batch, i, rng)[0]))
+                caption_row.append(True)
             instructions.append(instr)
         out = self._pad_right(self._encode_rows(rows))
         out["adapter_index"] = torch.zeros(len(rows), dtype=torch.long)
         out["row_sample"] = torch.arange(len(rows))
+        out["caption_row"] = torch.tensor(caption_row, dtype=torch.bool)  # for train.itc_weight
         return self._with_visual_inputs(out, batch, instructions)
 
     def stage2_inputs(

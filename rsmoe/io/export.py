@@ -254,7 +254,9 @@ def write_visual(model, q_tok, out: Path) -> dict[str, Any]:
     make_tokenizer_portable(out / "qformer_tokenizer")
     info.update({"file": "visual/model.safetensors", "tensors": len(state),
                  "num_query_tokens": int(visual.qformer.query_tokens.shape[1]),
-                 "qformer_hidden": int(visual.qformer.hidden_size), "llm_hidden": int(visual.proj.out_features)})
+                 "qformer_hidden": int(visual.qformer.hidden_size), "llm_hidden": int(visual.proj.out_features),
+                 # the two parameter-free steps around the Q-Former (docs/examples/load_export.py applies them)
+                 "token_norm": bool(visual.token_norm), "prefix_rms": visual.prefix_rms})
     return info
 
 

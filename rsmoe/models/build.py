@@ -166,7 +166,11 @@ def build_model(m: ModelArgs, seed: int, tokenizers=None, *, fresh: bool = True)
     )
     if m.gradient_checkpointing:
         experts.enable_gradient_checkpointing()
-    visual = VisualPrefix(vision, qformer, experts.hidden_size)
+    prefix_rms = None
+    if m.prefix_norm:  # from the frozen word embeddings, so every build of this base gets the same number
+        emb = experts.base.get_input_embeddings().weight.detach().float()
+        prefix_rms = round(float(emb.pow(2).mean(-1).sqrt().mean()), 6)
+    visual = VisualPrefix(vision, qformer, experts.hidden_size, token_norm=m.vision.token_norm, prefix_rms=prefix_rms)
     if m.qformer.path:
         # InstructBLIP-Vicuna's projection is 4096 wide; in front of another LLM width it is re-initialised.
         proj = hf_weights.check_projection_shapes(

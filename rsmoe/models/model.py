@@ -63,8 +63,11 @@ class VisionTokens(nn.Module):
 
 
 class VisualPrefix(nn.Module):
-    def __init__(self, vision: nn.Module, qformer: QFormer, llm_hidden: int):
+    def __init__(self, vision: nn.Module, qformer: QFormer, llm_hidden: int, token_norm: bool = False,
+                 prefix_rms: float | None = None):
         super().__init__()
+        self.token_norm = token_norm
+        self.prefix_rms = prefix_rms
         self.vision = vision
         self.vision.requires_grad_(False)
         self.qformer = qformer
@@ -98,12 +101,29 @@ class VisualPrefix(nn.Module):
         """Q-Former + projection on encoder tokens (`encode`'s output; a feature cache may supply them)."""
         if image_index is not None:
             image_embeds = image_embeds[image_index]
+        if self.token_norm:
+            # Parameter-free LayerNorm per encoder token (InstructBLIP's ViT ends in one): a CNN's
+            # post-activation features (EfficientNet: norm ~26) otherwise saturate the Q-Former's fresh
+            # cross-attention. Applied here, not in encode(), so cached encoder tokens stay raw.
+            image_embeds = nn.functional.layer_norm(image_embeds, image_embeds.shape[-1:])
         if not self.trainable():
             # Stage II: the prefix is a constant of (image, instruction); computed once per sample
             # (rows index into it) and with no autograd bookkeeping.
             with torch.no_grad():
-                return self.proj(self.qformer(image_embeds, input_ids, attention_mask))
-        return self.proj(self.qformer(image_embeds, input_ids, attention_mask))
+                return self._project(self.qformer(image_embeds, input_ids, attention_mask))
+        return self._project(self.qformer(image_embeds, input_ids, attention_mask))
+
+    def _project(self, queries: torch.Tensor) -> torch.Tensor:
+        out = self.proj(queries)
+        if self.prefix_rms is not None:
+            # Each prefix token at the RMS of the LLM's word embeddings: a fresh projection writes tokens
+            # ~5x larger (demo: norm 15 vs 3.2), which the LLM's blocks barely change on their way up, so
+            # what differs between images never gets read.
+            out = out * (self.prefix_rms * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"token_norm={self.token_norm}, prefix_rms={self.prefix_rms}"  # in repr: feature-cache keys hash it
 
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.qformer.parameters()) or any(p.requires_grad for p in self.proj.parameters())
@@ -125,6 +145,8 @@ class RSMoE(nn.Module):
         self.prefix_fn: Callable[..., torch.Tensor] | None = None
         # Training rows run as this many sub-batches of similar length (train.length_groups; 1 = one batch).
         self.length_groups = 1
+        # train.itc_weight: weight of the image-text contrastive term on caption rows (0 = off; enable_itc).
+        self.itc_weight = 0.0
         # `model.router=learned`: LearnedRouter's settings ({soft_tokens, width, route_loss_weight}); the
         # module itself exists from Stage II on (`to_stage2` builds it for the local experts).
         self.learned_router = dict(learned_router) if learned_router else None
@@ -203,6 +225,7 @@ class RSMoE(nn.Module):
         row_weight: torch.Tensor | None = None,
         question_rows: torch.Tensor | None = None,
         question_prefix: torch.Tensor | None = None,
+        caption_row: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Rows (R) index prefixes (P) through `row_sample`; give images or a precomputed `prefix` (P,Q,H).
         A prefix is one (image, Q-Former instruction) pair: `prefix_image` (P,) picks its image from
@@ -216,7 +239,9 @@ class RSMoE(nn.Module):
         Returns {'loss', 'expert_loss' (n_local,) token-mean per local expert (detached),
         'expert_loss_sum' (n_local,) summed token loss, 'expert_tokens' (n_local,)}, plus with the learned
         router 'route_loss' (the route head's cross-entropy), 'route_acc', 'route_target' (Nq,) and
-        'route_losses' (n_experts, Nq), all detached. A plain dict so ZeRO-3's hooks can see the tensors.
+        'route_losses' (n_experts, Nq), all detached. With `itc_weight` > 0 and `caption_row` (R,) marking
+        the rows whose target is a caption, 'itc_loss' (detached) and 'itc_rows'. A plain dict so ZeRO-3's
+        hooks can see the tensors.
         """
         if prefix is None:
             v_in = (pixel_values, qformer_input_ids, qformer_attention_mask, prefix_image)
@@ -241,11 +266,60 @@ class RSMoE(nn.Module):
         loss = expert_loss.sum()
         out = {"loss": loss, "expert_loss": expert_loss.detach(), "expert_loss_sum": summed.detach(),
                "expert_tokens": tok.detach()}
+        if self.itc_weight > 0 and caption_row is not None and prefix.requires_grad:
+            itc, n_rows = self.itc_loss(prefix, row_sample, input_ids, labels, caption_row)
+            out["loss"] = out["loss"] + self.itc_weight * itc
+            out.update({"itc_loss": itc.detach(), "itc_rows": n_rows})
         if self.router is not None:
             route = self.route_loss(logits, row_loss.detach() / row_tokens.clamp(min=1), question_rows, question_prefix)
             out["loss"] = loss + self.router.route_loss_weight * route.pop("surrogate")
             out.update(route)
         return out
+
+    def enable_itc(self, weight: float, bank: int = 0) -> None:
+        """Turn on the contrastive term; `bank`: how many recent caption vectors to keep as extra negatives.
+        Call before DeepSpeed wraps the model: the vocabulary's mean word embedding is read once here
+        (ZeRO-3 partitions the embedding later). Both are buffers that checkpoints do not save."""
+        self.itc_weight = float(weight)
+        emb = self.experts.base.get_input_embeddings().weight.detach()
+        self.register_buffer("itc_vocab_mean", emb.float().mean(0), persistent=False)
+        self.register_buffer("itc_bank", torch.zeros(bank, emb.shape[1]), persistent=False)
+        self.itc_bank_size = 0  # filled entries (the newest last)
+
+    def itc_loss(self, prefix: torch.Tensor, row_sample: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                 caption_row: torch.Tensor, temperature: float = 0.07) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-text contrastive loss (BLIP-2's ITC) over the caption rows.
+
+        Image side: the row's visual prefix averaged over its queries. Text side: its caption's frozen LLM
+        word embeddings, averaged, minus the vocabulary's mean embedding (what every caption shares). No
+        new parameters: each prefix is pulled toward its own caption's words in the LLM's input space and
+        away from the other captions'. Image-to-text contrasts with the batch's captions and the bank of
+        recent ones (the text side is frozen, so a stored vector never goes stale; entries equal to a
+        positive are left out); text-to-image with the batch's images. Returns (loss, caption rows)."""
+        rows = caption_row.nonzero().flatten()
+        n = torch.tensor(float(rows.numel()), device=prefix.device)
+        bank = self.itc_bank[self.itc_bank.shape[0] - self.itc_bank_size:].float().clone() if self.itc_bank_size else None
+        if rows.numel() < 2 and bank is None or rows.numel() == 0:
+            return prefix.sum() * 0.0, n  # keeps the graph (ZeRO-3 expects every rank's backward)
+        emb = self.experts.base.get_input_embeddings()
+        target = labels[rows] != -100
+        words = emb(input_ids[rows]).float().detach()
+        words = (words * target.unsqueeze(-1)).sum(1) / target.sum(1, keepdim=True).clamp(min=1)
+        text = F.normalize(words - self.itc_vocab_mean, dim=-1)
+        image = F.normalize(prefix[row_sample[rows]].float().mean(1), dim=-1)
+        same = torch.arange(rows.numel(), device=prefix.device)
+        logits = image @ text.T / temperature
+        terms = [F.cross_entropy(logits.T, same)] if rows.numel() >= 2 else []
+        if bank is not None:
+            extra = image @ bank.T / temperature
+            extra = extra.masked_fill((text @ bank.T > 0.999).any(0, keepdim=True), float("-inf"))
+            logits = torch.cat([logits, extra], dim=1)
+        terms.append(F.cross_entropy(logits, same))
+        if self.training and self.itc_bank.shape[0]:
+            k = self.itc_bank.shape[0]
+            self.itc_bank.copy_(torch.cat([self.itc_bank, text.detach().to(self.itc_bank.dtype)])[-k:])
+            self.itc_bank_size = min(k, self.itc_bank_size + rows.numel())
+        return sum(terms) / len(terms), n
 
     def route_loss(self, logits: torch.Tensor, row_mean_loss: torch.Tensor, question_rows: torch.Tensor | None,
                    question_prefix: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -35,6 +35,8 @@ def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, P
             model_dir.load_stage1_parts(init_dir, model)
         model.to_stage2(local_ids, args.seed, args.model.experts, train_qformer=args.model.train_qformer_stage2)
     model.loss_per_sample = args.train.loss_normalisation == "sample"
+    if args.train.itc_weight > 0 and args.stage == 1:
+        model.enable_itc(args.train.itc_weight, args.train.itc_bank)
     attach_feature_cache(model, args.data.feature_cache, args.data.feature_cache_gb)
     # Rows every rank is sure to have: Stage I one per sample; Stage II at least one per local expert.
     sure_rows = args.train.micro_batch_size if args.stage == 1 else len(local_ids)

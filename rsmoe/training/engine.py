@@ -203,16 +203,27 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 
 def param_groups(model: torch.nn.Module, args: TrainArgs) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
-    """The trainable parameters; with optim.visual_lr_scale != 1, two groups: the visual side (Q-Former,
-    query tokens, projection) at lr x scale, and the rest (the LoRA adapters) at lr."""
+    """The trainable parameters; with optim.visual_lr_scale != 1 or optim.adapter_delay_steps > 0, two
+    groups: the adapters (and anything else not visual) at lr, then the visual side (Q-Former, query
+    tokens, projection) at lr x visual_lr_scale."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scale = args.optim.visual_lr_scale
-    if scale == 1.0:
+    o = args.optim
+    if o.visual_lr_scale == 1.0 and o.adapter_delay_steps == 0:
         return [p for _, p in trainable]
     visual = [p for n, p in trainable if n.startswith("visual.")]
     rest = [p for n, p in trainable if not n.startswith("visual.")]
+    if o.adapter_delay_steps and not visual:
+        raise ConfigError(f"config key 'optim.adapter_delay_steps': {o.adapter_delay_steps} steps with nothing "
+                          "training (the visual side is frozen in this stage); set it to 0 for this stage "
+                          "(stage_overrides) or train the visual side (model.train_qformer_stage2=true)")
     # The adapters' group first: metrics log group 0's learning rate as optim/lr.
-    return [{"params": g, "lr": args.optim.lr * s} for g, s in ((rest, 1.0), (visual, scale)) if g]
+    return [{"params": g, "lr": o.lr * s, "visual": g is visual}
+            for g, s in ((rest, 1.0), (visual, o.visual_lr_scale)) if g]
+
+
+def delayed(fn, delay: int):
+    """`fn` started `delay` steps late: 0 before, then fn(step - delay)."""
+    return lambda step: 0.0 if step < delay else fn(step - delay)
 
 
 def build_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], args: TrainArgs):
@@ -221,8 +232,16 @@ def build_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], arg
     # ZeRO the optimizer sees one flat fp32 partition, and the unfused step's full-size temporaries cost
     # ~8x the fused kernel (125M params: 1.1 s vs 0.14 s CPU time).
     fused = device_type() in ("cuda", "cpu")
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(o.warmup_steps, args.train.steps, o.min_lr_ratio))
+    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else None
+    visual_flags = [g.pop("visual") for g in groups] if groups else []
+    opt = torch.optim.AdamW(groups or params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=fused)
+    schedule = warmup_cosine(o.warmup_steps, args.train.steps, o.min_lr_ratio)
+    if o.adapter_delay_steps:
+        late = delayed(warmup_cosine(o.warmup_steps, args.train.steps - o.adapter_delay_steps, o.min_lr_ratio),
+                       o.adapter_delay_steps)
+        schedule = [schedule if visual else late for visual in visual_flags]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return opt, sched
 
 

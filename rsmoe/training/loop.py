@@ -61,6 +61,8 @@ class StepResult:
     route: torch.Tensor | None = None
     """Learned router: (route loss x questions, route accuracy x questions, questions) summed over
     micro-batches and data-parallel replicas; None for the other routers and Stage I."""
+    itc: torch.Tensor | None = None
+    """train.itc_weight > 0 (Stage I): (contrastive loss x caption rows, caption rows), summed likewise."""
 
 
 def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, local_ids: list[int], args: TrainArgs,
@@ -74,6 +76,7 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
     tokens = torch.zeros(len(local_ids), device=engine.device)
     positions = 0
     route_sum = torch.zeros(3, device=engine.device)  # learned router: questions x (loss, acc), questions
+    itc_sum = torch.zeros(2, device=engine.device)  # contrastive term: rows x loss, rows
     for micro in range(args.train.grad_accum):
         batch = next(data_iter)
         # Seeded per (step, micro, data rank): instruction choice is reproducible after resume.
@@ -91,15 +94,18 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
         if "route_loss" in out:
             nq = out["route_questions"].float()
             route_sum += torch.stack([out["route_loss"].float() * nq, out["route_acc"].float() * nq, nq])
+        if "itc_loss" in out:
+            itc_sum += torch.stack([out["itc_loss"].float() * out["itc_rows"], out["itc_rows"]])
     # Summed over the expert's data-parallel replicas, then every expert's in order (EP gathers blocks). The
     # route head's numbers are already whole-EP-group values (computed from gathered logits and losses).
     dp_group = layout.mpu(args.stage).get_data_parallel_group()
     n = len(local_ids)
-    sums = collectives.all_sum(torch.cat([loss_sum, tokens, route_sum]), dp_group)
+    sums = collectives.all_sum(torch.cat([loss_sum, tokens, route_sum, itc_sum]), dp_group)
     loss_sum, tokens = ep_plan.all_expert_losses(sums[:n]), ep_plan.all_expert_losses(sums[n : 2 * n])
-    route = sums[2 * n :].cpu() if processor.learned and args.stage == 2 else None
+    route = sums[2 * n : 2 * n + 3].cpu() if processor.learned and args.stage == 2 else None
+    itc = sums[2 * n + 3 :].cpu() if args.train.itc_weight > 0 and args.stage == 1 else None
     step_positions = int(ep_plan.sum_over_ep(torch.tensor([float(positions)], dtype=torch.float64)).item()) * layout.dp
-    return StepResult(loss_sum.cpu(), tokens.cpu(), step_positions, time.time() - t0, route)
+    return StepResult(loss_sum.cpu(), tokens.cpu(), step_positions, time.time() - t0, route, itc)
 
 
 def restore(ckpt: CheckpointManager, engine, loader: Loader, args: TrainArgs, ep_plan: ExpertParallel) -> TrainState:
@@ -170,7 +176,7 @@ def train_stage(args: TrainArgs, info: WorldInfo, run_dir: Path) -> dict:
         state.tokens += result.positions
         state.data = loader.state_dict()
         guard.end_step(engine, state.step, ckpt.latest_tag)  # skipped on every rank, or halts
-        window.add(result.loss_sum, result.tokens, result.route)
+        window.add(result.loss_sum, result.tokens, result.route, result.itc)
         last = {k: v for k, v in window.scalars().items() if k.startswith(("loss/", "route/"))}
         losses = {k: v for k, v in last.items() if k.startswith("loss/")}
         if state.step % t.log_every == 0 or state.step == t.steps:

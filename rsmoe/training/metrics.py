@@ -108,7 +108,8 @@ class LossWindow:
     left out for an expert with no target token in it (a 0 there would read as a perfect loss),
     `tokens/<expert>`, and `loss/total` = the token-weighted mean over every expert's tokens. With the
     learned router, `route/questions` and (when there were questions) the question-weighted
-    `route/loss` and `route/acc` of its route head.
+    `route/loss` and `route/acc` of its route head; with train.itc_weight, `loss/itc` (the contrastive
+    term, per caption row; not in loss/total).
     """
 
     def __init__(self, names: list[str]):
@@ -119,13 +120,18 @@ class LossWindow:
         self.loss = torch.zeros(len(self.names), dtype=torch.float64)
         self.tokens = torch.zeros(len(self.names), dtype=torch.float64)
         self.route: torch.Tensor | None = None
+        self.itc: torch.Tensor | None = None
 
-    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, route: torch.Tensor | None = None) -> None:
-        """`route`: (loss x questions, accuracy x questions, questions) of the learned router's head."""
+    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, route: torch.Tensor | None = None,
+            itc: torch.Tensor | None = None) -> None:
+        """`route`: (loss x questions, accuracy x questions, questions) of the learned router's head;
+        `itc`: (contrastive loss x rows, rows)."""
         self.loss += loss_sum.double().cpu()
         self.tokens += tokens.double().cpu()
         if route is not None:
             self.route = route.double().cpu() + (0 if self.route is None else self.route)
+        if itc is not None:
+            self.itc = itc.double().cpu() + (0 if self.itc is None else self.itc)
 
     def scalars(self) -> dict[str, float]:
         total = float(self.tokens.sum())
@@ -139,4 +145,6 @@ class LossWindow:
             out["route/questions"] = nq
             if nq:
                 out.update({"route/loss": loss / nq, "route/acc": acc / nq})
+        if self.itc is not None and self.itc[1] > 0:
+            out["loss/itc"] = float(self.itc[0] / self.itc[1])
         return out

@@ -352,3 +352,29 @@ def test_export_doc_includes_the_tested_snippet():
     doc = Path(REPO, "docs", "export.md").read_text()
     snippet = Path(REPO, "docs", "examples", "load_export.py").read_text()
     assert f"```python\n{snippet}```" in doc, "docs/export.md no longer includes docs/examples/load_export.py verbatim"
+
+
+def test_export_snippet_applies_token_norm_and_prefix_norm(tmp_path):
+    """The two parameter-free steps (model.vision.token_norm, model.prefix_norm) are in export.json and the
+    documented snippet reproduces rsmoe's prefix with them."""
+    import importlib.util
+
+    from rsmoe.io.export import write_visual
+    from rsmoe.models.build import build_model
+
+    args = load_config("tiny", ["model.vision.token_norm=true", "model.prefix_norm=true"])
+    model, _, q_tok = build_model(args.model, seed=0)
+    info = write_visual(model, q_tok, tmp_path / "visual")
+    assert info["token_norm"] is True and info["prefix_rms"] == model.visual.prefix_rms > 0
+    (tmp_path / "export.json").write_text(json.dumps({"visual": info}))
+    spec = importlib.util.spec_from_file_location("load_export", Path(REPO, "docs", "examples", "load_export.py"))
+    snippet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(snippet)
+    g = torch.Generator().manual_seed(0)
+    size = args.model.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=g)
+    ids, mask = torch.randint(5, 50, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        want = model.visual(pixels, ids, mask)
+    got = snippet.load_visual(str(tmp_path))(pixels, ids, mask)
+    assert (got - want).abs().max().item() <= 1e-5

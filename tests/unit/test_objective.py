@@ -75,3 +75,157 @@ def test_references_as_targets_draw_one_reference_and_split_it():
     assert parts == {"theme": refs[2], "objects": "", "relations": ""}  # one sentence: the theme (splitter rule)
     with pytest.raises(Exception, match="data.caption_source"):
         load_config("tiny", ["data.caption_source=all"])
+
+
+def test_adapter_delay_holds_the_adapters_then_runs_their_own_schedule():
+    from rsmoe.config import ConfigError
+    from rsmoe.training.engine import build_optimizer, warmup_cosine
+
+    args = load_config("tiny", ["optim.adapter_delay_steps=4", "optim.warmup_steps=2", "train.steps=12", "optim.lr=1e-3"])
+    model, _, _ = build_model(args.model, seed=0)
+    model.trainable_stage1()
+    opt, sched = build_optimizer(param_groups(model, args), args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".lora_" in names[id(p)] for p in opt.param_groups[0]["params"])
+    lrs = []
+    for _ in range(12):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    visual_ref = warmup_cosine(2, 12, args.optim.min_lr_ratio)
+    adapter_ref = warmup_cosine(2, 8, args.optim.min_lr_ratio)
+    for step, (adapter_lr, visual_lr) in enumerate(lrs):
+        assert visual_lr == pytest.approx(1e-3 * visual_ref(step))
+        assert adapter_lr == (0.0 if step < 4 else pytest.approx(1e-3 * adapter_ref(step - 4)))
+    # Stage II with the visual side frozen: nothing would train during the delay.
+    args2 = load_config("tiny", ["stage=2", "optim.adapter_delay_steps=4", "train.steps=12"])
+    model.to_stage2([0, 1, 2], 0, args2.model.experts)
+    with pytest.raises(ConfigError, match="adapter_delay_steps"):
+        param_groups(model, args2)
+    with pytest.raises(ConfigError, match="adapter_delay_steps"):
+        load_config("tiny", ["optim.adapter_delay_steps=12", "train.steps=12"])
+
+
+def test_token_norm_layer_norms_each_encoder_token_before_the_qformer():
+    from rsmoe.io.feature_cache import fingerprint
+
+    args = load_config("tiny", ["model.vision.token_norm=true"])
+    model, _, _ = build_model(args.model, seed=0)
+    plain, _, _ = build_model(load_config("tiny").model, seed=0)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(2, 5, model.visual.vision.hidden_size, generator=g) * 7 + 3
+    ids = torch.randint(5, 50, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mean, var = tokens.mean(-1, keepdim=True), tokens.var(-1, unbiased=False, keepdim=True)
+    direct = (tokens - mean) / torch.sqrt(var + 1e-5)  # the direct computation
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual.from_image_embeds(tokens, ids, mask),
+                                   plain.visual.from_image_embeds(direct, ids, mask), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain.visual.from_image_embeds(tokens, ids, mask),
+                                  model.visual.from_image_embeds(tokens, ids, mask), atol=1e-3)
+    # The feature cache's prefix keys must tell the two apart.
+    assert fingerprint(model.visual, "prefix", skip="vision") != fingerprint(plain.visual, "prefix", skip="vision")
+
+
+def test_prefix_norm_puts_each_prefix_token_at_the_word_embeddings_rms():
+    args = load_config("tiny", ["model.prefix_norm=true"])
+    model, _, _ = build_model(args.model, seed=0)
+    plain, _, _ = build_model(load_config("tiny").model, seed=0)
+    emb = model.experts.base.get_input_embeddings().weight.detach()
+    target = float(emb.pow(2).mean(-1).sqrt().mean())  # the direct computation
+    assert model.visual.prefix_rms == pytest.approx(target, rel=1e-5)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(2, 5, model.visual.vision.hidden_size, generator=g)
+    ids, mask = torch.randint(5, 50, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        raw = plain.visual.from_image_embeds(tokens, ids, mask)
+        got = model.visual.from_image_embeds(tokens, ids, mask)
+    torch.testing.assert_close(got, raw / raw.pow(2).mean(-1, keepdim=True).sqrt() * target, rtol=1e-4, atol=1e-6)
+
+
+def test_itc_loss_is_symmetric_infonce_of_prefix_and_caption_words():
+    args = load_config("tiny", ["train.itc_weight=0.5"])
+    model, llm_tok, q_tok = build_model(args.model, seed=0)
+    model.trainable_stage1()
+    model.enable_itc(0.5)
+    proc = build_processor(args, llm_tok, q_tok)
+    size = args.model.vision.image_size
+    g = torch.Generator().manual_seed(3)
+    batch = {"caption": ["Many planes at the airport.", "A beach next to the sea.", "Green farmland.", "Dense houses."],
+             "parts": [None] * 4, "pixel_values": torch.randn(4, 3, size, size, generator=g),
+             "qa": [[], [{"question": "Is there water?", "answer": "yes", "type": "presence"}], [], []]}
+    inputs = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0)
+    assert inputs["caption_row"].tolist() == [True, False, True, True]  # the question row is not a caption
+    out = model(**inputs)
+    no_itc = dict(inputs, caption_row=None)
+    base = model(**no_itc)
+    # The direct computation, from the same prefix.
+    with torch.no_grad():
+        prefix = model.visual(inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"])
+        emb = model.experts.base.get_input_embeddings().weight
+        rows = [0, 2, 3]
+        texts, images = [], []
+        for r in rows:
+            sel = inputs["labels"][r] != -100
+            texts.append(emb[inputs["input_ids"][r][sel]].mean(0) - emb.mean(0))
+            images.append(prefix[r].mean(0))
+        t = torch.nn.functional.normalize(torch.stack(texts), dim=-1)
+        i = torch.nn.functional.normalize(torch.stack(images), dim=-1)
+        logits = i @ t.T / 0.07
+        want = (torch.nn.functional.cross_entropy(logits, torch.arange(3)) +
+                torch.nn.functional.cross_entropy(logits.T, torch.arange(3))) / 2
+    torch.testing.assert_close(out["itc_loss"], want, rtol=1e-4, atol=1e-5)
+    assert float(out["itc_rows"]) == 3
+    torch.testing.assert_close(out["loss"], base["loss"] + 0.5 * want, rtol=1e-4, atol=1e-5)
+    # Its gradient reaches the visual side only (the word embeddings are frozen targets).
+    model.zero_grad()
+    (out["loss"] - base["loss"]).backward()
+    assert model.visual.proj.weight.grad is not None and model.visual.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters() if ".lora_" in n)
+    # Fewer than two caption rows: no contrast, a zero term.
+    one = proc.stage1_inputs({**batch, "caption": batch["caption"][:1], "parts": [None], "qa": [[]],
+                              "pixel_values": batch["pixel_values"][:1]}, random.Random(0))
+    assert float(model(**one)["itc_loss"]) == 0.0
+
+
+def test_loss_window_reports_itc_per_caption_row():
+    from rsmoe.training.metrics import LossWindow
+
+    w = LossWindow(["llm"])
+    w.add(torch.tensor([10.0]), torch.tensor([5.0]), itc=torch.tensor([6.0, 3.0]))
+    w.add(torch.tensor([2.0]), torch.tensor([5.0]), itc=torch.tensor([1.0, 1.0]))
+    s = w.scalars()
+    assert s["loss/itc"] == pytest.approx(7.0 / 4.0) and s["loss/total"] == pytest.approx(12.0 / 10.0)
+
+
+def test_itc_bank_adds_recent_captions_as_negatives():
+    args = load_config("tiny")
+    model, llm_tok, q_tok = build_model(args.model, seed=0)
+    model.trainable_stage1()
+    model.enable_itc(1.0, bank=8)
+    proc = build_processor(args, llm_tok, q_tok)
+    size = args.model.vision.image_size
+    g = torch.Generator().manual_seed(4)
+
+    def batch(captions):
+        return {"caption": captions, "parts": [None] * len(captions), "qa": [[]] * len(captions),
+                "pixel_values": torch.randn(len(captions), 3, size, size, generator=g)}
+
+    first = proc.stage1_inputs(batch(["Many planes at the airport.", "A beach next to the sea."]), random.Random(0))
+    model(**first)
+    assert model.itc_bank_size == 2
+    stored = model.itc_bank[-2:].clone()
+    one = proc.stage1_inputs(batch(["Green farmland."]), random.Random(0))  # one row: only the bank contrasts
+    out = model(**one)
+    out["loss"].backward()  # the bank is updated in place after use: the backward must still work
+    with torch.no_grad():
+        prefix = model.visual(one["pixel_values"], one["qformer_input_ids"], one["qformer_attention_mask"])
+        emb = model.experts.base.get_input_embeddings().weight
+        sel = one["labels"][0] != -100
+        text = torch.nn.functional.normalize(emb[one["input_ids"][0][sel]].mean(0) - emb.mean(0), dim=-1)
+        image = torch.nn.functional.normalize(prefix[0].mean(0), dim=-1)
+        logits = torch.cat([(image @ text)[None], image @ stored.T]) / 0.07
+        want = torch.nn.functional.cross_entropy(logits[None], torch.tensor([0]))
+    torch.testing.assert_close(out["itc_loss"], want, rtol=1e-4, atol=1e-5)
+    assert model.itc_bank_size == 3
+    torch.testing.assert_close(model.itc_bank[-1], text)

@@ -88,8 +88,11 @@ def preflight(args: TrainArgs, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'run_dir': cannot create {run_dir}: {exc.strerror}") from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"config key 'run_dir': {run_dir} is not writable")
-    if args.checkpoint.lock:
-        RunLock(run_dir, args.checkpoint.lock_stale_s, args.checkpoint.lock_wait_s).check()  # a live job holds it?
+    if args.checkpoint.lock and world_info_from_env().rank == 0:
+        # A live job holds it? Rank 0 only: it is the rank that takes the lock, and a slower rank would
+        # otherwise see its own job's lock (taken by a faster rank 0), fail alone and leave rank 0
+        # waiting in the lock's collective for ever.
+        RunLock(run_dir, args.checkpoint.lock_stale_s, args.checkpoint.lock_wait_s).check()
     check_resume_compatible(args, run_dir)
 
 

@@ -138,3 +138,21 @@ def test_release_never_removes_another_jobs_lock(tmp_path, other_process):
     write_holder(tmp_path, live_holder(other_process.pid))  # someone took over (e.g. we were presumed dead)
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "other"
+
+
+def test_preflight_checks_the_lock_on_rank_0_only(tmp_path, other_process, monkeypatch, sample_shards):
+    """In a multi-rank job rank 0 takes the lock; a slower rank's preflight must not see that lock and fail
+    alone (rank 0 would wait in the lock's collective for ever: a 2-rank hang seen in CI)."""
+    from rsmoe.config import load_config
+    from rsmoe.training.preflight import preflight
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_holder(run, live_holder(other_process.pid))
+    args = load_config("tiny", [f"run_dir={run}", f"data.train_shards={sample_shards['train']}"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    preflight(args)  # rank 1: no lock check
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RunDirLocked, match="is in use by another job"):
+        preflight(args)

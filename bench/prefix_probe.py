@@ -19,30 +19,24 @@ control measures in generation. No assertion; prints a table.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import random
-import tarfile
 
 import torch
 
-from rsmoe.data.loader import build_loader
+from rsmoe.data.loader import build_loader, expand_shards
 from rsmoe.eval.grounding import derangement
+from rsmoe.eval.run import scan_index
 from rsmoe.inference.load import load_trained
 
 INSTRUCTION = "Describe this image in detail."
 
 
 def load_all(pattern: str, vision) -> dict:
-    """Every sample of the shards in one batch, with the records' class labels (the loader drops them)."""
+    """Every sample of the shards in one batch, with the records' class labels (the loader drops them;
+    `rsmoe eval` reads them with scan_index)."""
     batch = next(iter(build_loader(pattern, batch_size=100000, image_size=vision.image_size,
                                    image_mean=vision.image_mean, image_std=vision.image_std)))
-    labels = {}
-    for path in sorted(glob.glob(pattern)):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    labels[member.name[: -len(".json")]] = json.load(tar.extractfile(member)).get("label")
+    labels = {e.key: e.label for e in scan_index(expand_shards(pattern))}
     batch["label"] = [labels.get(k) for k in batch["key"]]
     return batch
 

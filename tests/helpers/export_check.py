@@ -65,6 +65,19 @@ def tf4_python() -> str | None:
     return None
 
 
+def python_for(transformers_major: int) -> str:
+    """The interpreter to check an export under transformers `transformers_major` (5: this one; 4: the
+    4.x venv); skips the calling test when there is no 4.x venv."""
+    import sys
+
+    import pytest
+
+    python = sys.executable if transformers_major == 5 else tf4_python()
+    if python is None:
+        pytest.skip(f"no transformers 4.x venv: set {TF4_ENV} to its python (.ci/run creates .venv-tf4 from requirements-tf4.txt)")
+    return python
+
+
 def assert_loads(result: dict, *, logit_tol: float = 2e-5, prefix_tol: float = 1e-5) -> None:
     """Tokenizers give rsmoe's ids; every model's logits and the visual prefix match rsmoe's (fp32)."""
     assert all(result["tokens_equal"].values()), result

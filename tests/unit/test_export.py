@@ -326,19 +326,10 @@ def test_export_loads_in_plain_transformers_4_and_5(runs, sample_shards, tmp_pat
     """The documented snippet (docs/examples/load_export.py) in a process without rsmoe: tokenizers give
     rsmoe's ids, and the visual prefix, base, each peft expert, each merged expert and peft's mixed batch
     give the training model's numbers, under the pinned transformers 5.x and under a 4.x venv."""
-    import sys
 
-    from tests.helpers.export_check import (
-        TF4_ENV,
-        assert_loads,
-        run_check,
-        tf4_python,
-        write_reference,
-    )
+    from tests.helpers.export_check import assert_loads, python_for, run_check, write_reference
 
-    python = sys.executable if transformers_major == 5 else tf4_python()
-    if python is None:
-        pytest.skip(f"no transformers 4.x venv: set {TF4_ENV} to its python (.ci/run creates .venv-tf4 from requirements-tf4.txt)")
+    python = python_for(transformers_major)
     model, llm_tok, q_tok, args = _trained_model(runs["stage2"] / "final", stage=2)
     ref = write_reference(model, llm_tok, q_tok, args, _pixels(args, sample_shards), runs["export"], tmp_path)
     result = run_check(python, runs["export"], ref)

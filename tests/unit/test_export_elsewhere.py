@@ -139,21 +139,12 @@ def test_old_run_with_cwd_relative_paths_reads_from_anywhere(runs, away):
 @pytest.mark.parametrize("transformers_major", [5, 4])
 def test_efficientnet_export_rebuilds_in_plain_transformers(runs, away, sample_shards, transformers_major):
     """docs/examples/load_export.py on the EfficientNet export (vision encoder from its own state dict)."""
-    import sys
 
     from rsmoe.data.loader import build_loader
     from rsmoe.inference.load import load_trained
-    from tests.helpers.export_check import (
-        TF4_ENV,
-        assert_loads,
-        run_check,
-        tf4_python,
-        write_reference,
-    )
+    from tests.helpers.export_check import assert_loads, python_for, run_check, write_reference
 
-    python = sys.executable if transformers_major == 5 else tf4_python()
-    if python is None:
-        pytest.skip(f"no transformers 4.x venv: set {TF4_ENV} to its python (.ci/run creates .venv-tf4 from requirements-tf4.txt)")
+    python = python_for(transformers_major)
     ex = export_run(runs["s2"], away / f"tf{transformers_major}", merge=True, experts=["theme", "objects"])
     t = load_trained(runs["s2"], device="cpu", dtype="fp32")
     v = t.cfg.model.vision

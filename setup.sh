@@ -14,7 +14,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 DS_BUILD_OPS=0 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/pip install -q --disable-pip-version-check -r requirements-serve.txt
-.venv/bin/pip install -q --disable-pip-version-check -r requirements-serve.txt
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-demo.txt
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 if ! command -v java >/dev/null 2>&1; then

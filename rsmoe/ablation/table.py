@@ -4,7 +4,8 @@ Columns: caption metrics (BLEU-4, METEOR, ROUGE-L, CIDEr) with the evaluation's 
 intervals; CIDEr and VQA accuracy minus the reference arm's, with a *paired* bootstrap interval (the
 same images / questions resampled for both arms: the arms share the test set, so the difference is
 much tighter than two separate intervals suggest); VQA accuracy overall and per question type; the
-image-grounding control's drop when the evaluation reports one; wall time of each arm.
+image-grounding control (real minus swapped-image score, paired interval; distinct captions) when the
+evaluation ran it; wall time of each arm.
 Written as Markdown and JSON, plus a plot when matplotlib is installed (`pip install rsmoe[plot]`).
 """
 
@@ -59,32 +60,34 @@ def _cell(section: Mapping[str, Any] | None, metric: str) -> dict[str, Any] | No
     return cell
 
 
-def grounding(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The image-grounding control's drop (real image minus swapped image) if results.json has one.
+GROUNDING_METRICS = {"caption": ("BLEU-4", "CIDEr"), "vqa": ("overall",)}
 
-    Read defensively: any top-level entry whose name contains 'grounding'; inside it, metrics whose
-    name contains 'delta' or 'drop' (with their intervals), or a 'delta' mapping. Unknown shapes give {}."""
+
+def grounding(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The image-grounding control (rsmoe eval's `grounding` block of the caption and VQA sections):
+    real minus swapped-image score with its paired interval, plus the share of distinct captions.
+
+    An evaluation run with --no-grounding-control, or one whose control was unavailable, gives {}."""
     out: dict[str, dict[str, Any]] = {}
-    for name, sec in results.items():
-        if "grounding" not in str(name).lower() or not isinstance(sec, Mapping):
+    for kind, metrics in GROUNDING_METRICS.items():
+        block = (_section(results, kind) or {}).get("grounding")
+        if not isinstance(block, Mapping) or not block.get("available"):
             continue
-        candidates: dict[str, Any] = {}
-        metrics = sec.get("metrics")
-        if isinstance(metrics, Mapping):
-            candidates.update({k: v for k, v in metrics.items() if "delta" in k.lower() or "drop" in k.lower()})
-        if isinstance(sec.get("delta"), Mapping):
-            candidates.update({f"delta {k}": v for k, v in sec["delta"].items()})
-        intervals = sec.get("intervals") if isinstance(sec.get("intervals"), Mapping) else {}
-        for metric, value in candidates.items():
-            if isinstance(value, Mapping):
-                value, iv = value.get("value"), value
-            else:
-                iv = intervals.get(metric) or {}
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                label = metric if name in ("grounding", "meta") else f"{name.split('/', 1)[-1]}: {metric}"
-                out[label] = {"value": float(value), "low": iv.get("low") if isinstance(iv, Mapping) else None,
-                              "high": iv.get("high") if isinstance(iv, Mapping) else None}
+        for metric in metrics:
+            row = (block.get("metrics") or {}).get(metric)
+            if isinstance(row, Mapping) and isinstance(row.get("delta"), (int, float)) and math.isfinite(row["delta"]):
+                out[f"{kind} {metric}"] = {"value": float(row["delta"]), "low": row.get("delta_low"),
+                                           "high": row.get("delta_high"), "verdict": row.get("verdict")}
+    block = (_section(results, "caption") or {}).get("grounding")
+    real = (block.get("distinct") or {}).get("real") if isinstance(block, Mapping) and block.get("available") else None
+    if isinstance(real, Mapping) and real.get("n"):
+        out["distinct captions"] = {"count": int(real["distinct_captions"]), "n": int(real["n"])}
     return out
+
+
+def _grounding_cell(g: Mapping[str, Any]) -> str:
+    parts = [f"{k}: {v['count']}/{v['n']}" if "count" in v else f"{k}: {_fmt(v, signed=True)}" for k, v in g.items()]
+    return "; ".join(parts) or "–"
 
 
 def _captions(results: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -221,7 +224,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
     has_grounding = any(r.get("grounding") for r in table["rows"])
     head = ["arm", *CAPTION_METRICS, "Δ CIDEr vs ref.", "VQA overall", "Δ VQA vs ref.", *types]
     if has_grounding:
-        head.append("grounding Δ")
+        head.append("grounding: real - swapped image")
     head += ["train s", "eval s"]
     lines = [f"# Ablation ({table.get('config') or 'config'})", "",
              f"Every arm scored on {table.get('n_images')} images / {table.get('n_questions')} questions of "
@@ -240,7 +243,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
                  *[_fmt(r["vqa"].get(t)) for t in types]]
         if has_grounding:
             g = r.get("grounding") or {}
-            cells.append("; ".join(f"{k}: {_fmt(v, signed=True)}" for k, v in g.items()) or "–")
+            cells.append(_grounding_cell(g))
         s = r.get("seconds") or {}
         cells += [f"{s['train']:.0f}" if s.get("train") is not None else "kept", f"{s['eval']:.0f}" if s.get("eval") is not None else "kept"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")

@@ -10,6 +10,7 @@ import pytest
 
 from rsmoe.ablation import AblationError, AblationOptions, plan, run_ablation, slurm_commands
 from rsmoe.ablation.table import build_table, grounding, paired_cider_delta, paired_vqa_delta, to_markdown, write_table
+from rsmoe.eval.grounding import _row, distinct_share
 
 
 def opts(tmp_path, **kw) -> AblationOptions:
@@ -98,8 +99,11 @@ def test_table_cells_paired_deltas_and_grounding(tmp_path):
 
     out = tmp_path / "abl"
     ref = _results({"a": "a harbour with boats", "b": "a field", "c": "planes"}, [True, False, True])
-    arm = _results({"a": "boats", "b": "a green field", "c": "an airport with planes"}, [True, True, True],
-                   {"grounding/x": {"metrics": {"CIDEr_delta": 0.25}, "intervals": {"CIDEr_delta": {"low": 0.1, "high": 0.4}}}})
+    arm = _results({"a": "boats", "b": "a green field", "c": "an airport with planes"}, [True, True, True])
+    # the grounding blocks as rsmoe eval writes them (rows and distinct share from rsmoe.eval.grounding)
+    arm["caption/x"]["grounding"] = {"available": True, "distinct": {"real": distinct_share(["boats", "Boats", "a field"])},
+                                     "metrics": {"CIDEr": _row(0.4, 0.15, {"control_ci": (0.1, 0.2), "delta_ci": (0.1, 0.4)})}}
+    arm["vqa/x"]["grounding"] = {"available": True, "metrics": {"overall": _row(0.5, 0.6, {"control_ci": (0.4, 0.8), "delta_ci": (-0.3, 0.1)})}}
     for name, r in (("full", ref), ("router-none", arm)):
         (out / name / "eval").mkdir(parents=True)
         (out / name / "eval" / "results.json").write_text(json.dumps(r))
@@ -113,16 +117,22 @@ def test_table_cells_paired_deltas_and_grounding(tmp_path):
     direct = (score_captions({it["key"]: it["caption"] for it in arm["items"]}, refs, use_meteor=False).corpus["CIDEr"]
               - score_captions({it["key"]: it["caption"] for it in ref["items"]}, refs, use_meteor=False).corpus["CIDEr"])
     assert d["CIDEr"]["value"] == pytest.approx(direct) and d["CIDEr"]["low"] <= d["CIDEr"]["value"] <= d["CIDEr"]["high"]
-    assert none["grounding"] == {"x: CIDEr_delta": {"value": 0.25, "low": 0.1, "high": 0.4}}
+    g = none["grounding"]
+    assert g["caption CIDEr"]["value"] == pytest.approx(0.25) and (g["caption CIDEr"]["low"], g["caption CIDEr"]["high"]) == (0.1, 0.4)
+    assert g["vqa overall"]["value"] == pytest.approx(-0.1) and "ignores the image" in g["vqa overall"]["verdict"]
+    assert g["distinct captions"] == {"count": 2, "n": 3} and "caption BLEU-4" not in g  # no BLEU-4 row: left out, not 0
+    assert full["grounding"] == {}  # no control in that evaluation
     md = to_markdown(table)
-    assert "grounding Δ" in md and "x: CIDEr_delta: +25.00 [10.00, 40.00]" in md and "(reference)" in md
+    assert "grounding: real - swapped image" in md and "(reference)" in md
+    assert "caption CIDEr: +25.00 [10.00, 40.00]; vqa overall: -10.00 [-30.00, 10.00]; distinct captions: 2/3" in md
 
 
 def test_grounding_is_read_defensively():
     assert grounding({"caption/x": {"metrics": {}}}) == {}
-    assert grounding({"grounding": {"delta": {"CIDEr": {"value": -0.1, "low": -0.2, "high": 0.0}}}}) == {
-        "delta CIDEr": {"value": -0.1, "low": -0.2, "high": 0.0}}
-    assert grounding({"grounding": "not a section", "grounding/y": {"metrics": {"drop_BLEU-4": float("nan")}}}) == {}
+    assert grounding({"caption/x": {"metrics": {}, "grounding": {"available": False, "reason": "one sample"}}}) == {}
+    assert grounding({"caption/x": {"metrics": {}, "grounding": {"available": True, "metrics": {"BLEU-4": {"delta": float("nan")}}}},
+                      "vqa/x": {"metrics": {}, "grounding": "not a block"}}) == {}
+    assert grounding({"caption/x": {"metrics": {}, "grounding": ["not", "a", "block"]}}) == {}
 
 
 def test_vqa_delta_is_the_paired_mean(tmp_path):

@@ -69,6 +69,7 @@ def grounding(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
     An evaluation run with --no-grounding-control, or one whose control was unavailable, gives {}."""
     out: dict[str, dict[str, Any]] = {}
+    distinct = None
     for kind, metrics in GROUNDING_METRICS.items():
         block = (_section(results, kind) or {}).get("grounding")
         if not isinstance(block, Mapping) or not block.get("available"):
@@ -78,10 +79,10 @@ def grounding(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             if isinstance(row, Mapping) and isinstance(row.get("delta"), (int, float)) and math.isfinite(row["delta"]):
                 out[f"{kind} {metric}"] = {"value": float(row["delta"]), "low": row.get("delta_low"),
                                            "high": row.get("delta_high"), "verdict": row.get("verdict")}
-    block = (_section(results, "caption") or {}).get("grounding")
-    real = (block.get("distinct") or {}).get("real") if isinstance(block, Mapping) and block.get("available") else None
-    if isinstance(real, Mapping) and real.get("n"):
-        out["distinct captions"] = {"count": int(real["distinct_captions"]), "n": int(real["n"])}
+        if kind == "caption":
+            distinct = (block.get("distinct") or {}).get("real")
+    if isinstance(distinct, Mapping) and distinct.get("n"):  # last: the cell reads deltas first
+        out["distinct captions"] = {"count": int(distinct["distinct_captions"]), "n": int(distinct["n"])}
     return out
 
 

@@ -224,6 +224,8 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError(f"config key 'train.loss_normalisation': 'token' or 'sample', got {args.train.loss_normalisation!r}")
     if args.data.caption_source not in ("caption", "references"):
         raise ConfigError(f"config key 'data.caption_source': 'caption' or 'references', got {args.data.caption_source!r}")
+    if args.data.vqa_sampling not in ("question", "type"):
+        raise ConfigError(f"config key 'data.vqa_sampling': 'question' or 'type', got {args.data.vqa_sampling!r}")
     if args.optim.visual_lr_scale <= 0:
         raise ConfigError("config key 'optim.visual_lr_scale': must be > 0")
     if args.train.itc_weight < 0 or args.train.itc_bank < 0:

@@ -127,6 +127,11 @@ class DataArgs:
     vqa_prob: float = 0.0
     """Probability that a sample with QA trains one question: Stage I instead of its caption; Stage II
     in addition to its sub-captions, on the expert the router picks (keeps the experts answering)."""
+    vqa_sampling: str = "question"
+    """Which of a sample's questions a VQA row trains: 'question' (uniform over its questions, so a type
+    trains as often as it is asked: the bundled RSVQA-LR images have one rural/urban question each among ~100
+    presence, count and comparison ones) or 'type' (one of the sample's question types uniformly, then one
+    question of that type)."""
     feature_cache: str | bool = "off"
     """Keep what the frozen visual side computed, so later epochs skip it: 'off', 'memory' (this process's
     host RAM) or a directory (shared by the ranks and runs that point at it; use node-local disk, e.g.

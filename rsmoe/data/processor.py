@@ -50,6 +50,9 @@ class Processor:
     caption_source: str = "caption"
     """'caption': train on each sample's caption (and its parts); 'references': on one of its human
     references drawn per step (UCM-style datasets have 5 per image; parts split from the one drawn)."""
+    vqa_sampling: str = "question"
+    """'question': a VQA row trains one of the sample's questions uniformly; 'type': a question type
+    uniformly, then one question of it (data.vqa_sampling)."""
     router_mode: str = "template"
     """'none', 'template' or 'learned' (rsmoe.models.router)."""
     expert_parts: dict[str, list[str]] | None = None
@@ -65,12 +68,13 @@ class Processor:
             raise ValueError("the LLM tokenizer has no eos token; set one in its tokenizer_config.json")
 
     @classmethod
-    def for_model(cls, m: ModelArgs, llm_tokenizer, qformer_tokenizer, caption_source: str = "caption") -> "Processor":
+    def for_model(cls, m: ModelArgs, llm_tokenizer, qformer_tokenizer, caption_source: str = "caption",
+                  vqa_sampling: str = "question") -> "Processor":
         """The processor of a model config (training, inference and evaluation build it the same way;
-        `caption_source` (data.caption_source) matters only to training targets)."""
+        `caption_source` and `vqa_sampling` (data.*) matter only to training targets)."""
         return cls(llm_tokenizer, qformer_tokenizer, list(m.experts), m.max_prompt_len, m.max_target_len,
-                   m.qformer.max_instruction_len, caption_source=caption_source, router_mode=m.router,
-                   expert_parts=dict(m.expert_parts))
+                   m.qformer.max_instruction_len, caption_source=caption_source, vqa_sampling=vqa_sampling,
+                   router_mode=m.router, expert_parts=dict(m.expert_parts))
 
     @property
     def learned(self) -> bool:
@@ -139,6 +143,15 @@ class Processor:
                     caption, parts = choice, split_caption(choice)
         return caption, parts
 
+    def question_for(self, qa: list[dict], rng: random.Random) -> dict:
+        """The question a VQA row trains this step (vqa_sampling)."""
+        if self.vqa_sampling == "type":
+            types = sorted({str(q.get("type")) for q in qa})
+            if len(types) > 1:
+                qtype = rng.choice(types)
+                return rng.choice([q for q in qa if str(q.get("type")) == qtype])
+        return rng.choice(qa)
+
     def instruction_for(self, batch: dict, i: int, rng: random.Random) -> str:
         given = batch.get("instruction", [None] * len(batch["caption"]))[i]
         return given or rng.choice(CAPTION_INSTRUCTIONS)
@@ -148,7 +161,7 @@ class Processor:
         for i, caption in enumerate(batch["caption"]):
             qa = batch.get("qa", [[]] * len(batch["caption"]))[i]
             if qa and rng.random() < vqa_prob:
-                item = rng.choice(qa)
+                item = self.question_for(qa, rng)
                 instr = self.router.question_prompt(item["question"])
                 rows.append((instr, str(item["answer"])))
                 caption_row.append(False)
@@ -199,7 +212,7 @@ class Processor:
                 weights.append(1.0)
             qa = (batch.get("qa") or [[]] * len(batch["caption"]))[i]
             if qa and vqa_prob > 0 and rng.random() < vqa_prob:
-                item = rng.choice(qa)
+                item = self.question_for(qa, rng)
                 question = self.router.question_prompt(item["question"])
                 prefix_id = len(instructions)
                 instructions.append(question)

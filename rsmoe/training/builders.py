@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def build_processor(args: TrainArgs, llm_tok, q_tok) -> Processor:
-    return Processor.for_model(args.model, llm_tok, q_tok, caption_source=args.data.caption_source)
+    return Processor.for_model(args.model, llm_tok, q_tok, caption_source=args.data.caption_source,
+                               vqa_sampling=args.data.vqa_sampling)
 
 
 def build_stage_model(args: TrainArgs, layout: ParallelLayout) -> tuple[RSMoE, Processor, list[int]]:

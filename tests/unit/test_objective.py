@@ -77,6 +77,34 @@ def test_references_as_targets_draw_one_reference_and_split_it():
         load_config("tiny", ["data.caption_source=all"])
 
 
+def test_vqa_sampling_by_type_draws_each_type_equally_often():
+    """RSVQA-LR-like sample: 1 rural/urban question among 60. 'question' trains it ~1/60 of the VQA rows,
+    'type' 1/3 (a type uniformly, then a question of it); both rows carry the drawn question and answer."""
+    qa = ([{"question": "Is it a rural or an urban area", "answer": "rural", "type": "rural_urban"}]
+          + [{"question": f"Is there a road {k}?", "answer": "yes", "type": "presence"} for k in range(30)]
+          + [{"question": f"How many buildings {k}?", "answer": str(k), "type": "count"} for k in range(29)])
+    counts = {}
+    for mode in ("question", "type"):
+        args = load_config("tiny", [f"data.vqa_sampling={mode}", "data.vqa_prob=1.0"])
+        model, llm_tok, q_tok = build_model(args.model, seed=0)
+        proc = build_processor(args, llm_tok, q_tok)
+        rng = random.Random(0)
+        drawn = [proc.question_for(qa, rng)["type"] for _ in range(3000)]
+        counts[mode] = {t: drawn.count(t) / len(drawn) for t in ("rural_urban", "presence", "count")}
+        batch = {"caption": ["A caption."], "parts": [{}], "qa": [qa[:1]], "pixel_values": torch.zeros(1, 3, 32, 32)}
+        out = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0)
+        assert not out["caption_row"][0]
+        text = llm_tok.decode(out["input_ids"][0][out["attention_mask"][0].bool()])
+        assert "rural or an urban" in text and "rural" in llm_tok.decode(out["labels"][0][out["labels"][0] >= 0])
+    assert counts["question"]["rural_urban"] == pytest.approx(1 / 60, abs=0.01)
+    assert counts["question"]["presence"] == pytest.approx(30 / 60, abs=0.03)
+    for t in ("rural_urban", "presence", "count"):
+        assert counts["type"][t] == pytest.approx(1 / 3, abs=0.03)
+    assert proc.question_for(qa[1:3], random.Random(1))["type"] == "presence"  # one type: a question of it
+    with pytest.raises(Exception, match="data.vqa_sampling"):
+        load_config("tiny", ["data.vqa_sampling=balanced"])
+
+
 def test_adapter_delay_holds_the_adapters_then_runs_their_own_schedule():
     from rsmoe.config import ConfigError
     from rsmoe.training.engine import build_optimizer, warmup_cosine

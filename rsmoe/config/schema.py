@@ -186,6 +186,10 @@ class TrainLoopArgs:
     """Stage I: weight of an image-text contrastive term (BLIP-2's ITC, in-batch) between each caption
     row's visual prefix and its caption's word embeddings (RSMoE.itc_loss; no new parameters). 0 = off.
     Logged as loss/itc. It keeps the images' prefixes apart, which the caption loss alone does not do."""
+    itc_questions: bool = False
+    """Stage I, with itc_weight > 0: the question rows (data.vqa_prob) join the contrastive term too, each
+    prefix (built by the Q-Former from the question) paired with its sample's caption, so a question's
+    prefix also tells its image apart. Off: only caption rows are contrasted."""
     itc_bank: int = 256
     """Recent caption vectors the contrastive term also contrasts each image with, beyond its micro-batch
     (a micro-batch of 4 gives 3 negatives). Per rank, not saved in checkpoints (refills after a resume)."""

@@ -156,7 +156,10 @@ class Processor:
         given = batch.get("instruction", [None] * len(batch["caption"]))[i]
         return given or rng.choice(CAPTION_INSTRUCTIONS)
 
-    def stage1_inputs(self, batch: dict, rng: random.Random, vqa_prob: float = 0.0) -> dict[str, torch.Tensor]:
+    def stage1_inputs(self, batch: dict, rng: random.Random, vqa_prob: float = 0.0,
+                      question_captions: bool = False) -> dict[str, torch.Tensor]:
+        """`question_captions` (train.itc_questions): also give each question row its sample's caption in
+        LLM tokens ('question_caption_ids'/'_mask', empty for caption rows), for the contrastive term."""
         instructions, rows, caption_row = [], [], []
         for i, caption in enumerate(batch["caption"]):
             qa = batch.get("qa", [[]] * len(batch["caption"]))[i]
@@ -174,6 +177,14 @@ class Processor:
         out["adapter_index"] = torch.zeros(len(rows), dtype=torch.long)
         out["row_sample"] = torch.arange(len(rows))
         out["caption_row"] = torch.tensor(caption_row, dtype=torch.bool)  # for train.itc_weight
+        if question_captions and not all(caption_row):
+            captions = [(p, None if c else batch["caption"][i]) for i, ((p, _), c) in enumerate(zip(rows, caption_row))]
+            enc = [t for _, t in self._encode_rows(captions)]
+            ids = torch.full((len(enc), max(map(len, enc))), self.llm_tokenizer.eos_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, t in enumerate(enc):
+                ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t, dtype=torch.long), 1
+            out["question_caption_ids"], out["question_caption_mask"] = ids, mask
         return self._with_visual_inputs(out, batch, instructions)
 
     def stage2_inputs(

@@ -226,6 +226,8 @@ class RSMoE(nn.Module):
         question_rows: torch.Tensor | None = None,
         question_prefix: torch.Tensor | None = None,
         caption_row: torch.Tensor | None = None,
+        question_caption_ids: torch.Tensor | None = None,
+        question_caption_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Rows (R) index prefixes (P) through `row_sample`; give images or a precomputed `prefix` (P,Q,H).
         A prefix is one (image, Q-Former instruction) pair: `prefix_image` (P,) picks its image from
@@ -240,7 +242,9 @@ class RSMoE(nn.Module):
         'expert_loss_sum' (n_local,) summed token loss, 'expert_tokens' (n_local,)}, plus with the learned
         router 'route_loss' (the route head's cross-entropy), 'route_acc', 'route_target' (Nq,) and
         'route_losses' (n_experts, Nq), all detached. With `itc_weight` > 0 and `caption_row` (R,) marking
-        the rows whose target is a caption, 'itc_loss' (detached) and 'itc_rows'. A plain dict so ZeRO-3's
+        the rows whose target is a caption, 'itc_loss' (detached) and 'itc_rows'; `question_caption_ids`/`mask`
+        (R, T) add the question rows (mask non-empty) to it, each paired with its sample's caption
+        (train.itc_questions). A plain dict so ZeRO-3's
         hooks can see the tensors.
         """
         if prefix is None:
@@ -267,7 +271,8 @@ class RSMoE(nn.Module):
         out = {"loss": loss, "expert_loss": expert_loss.detach(), "expert_loss_sum": summed.detach(),
                "expert_tokens": tok.detach()}
         if self.itc_weight > 0 and caption_row is not None and prefix.requires_grad:
-            itc, n_rows = self.itc_loss(prefix, row_sample, input_ids, labels, caption_row)
+            itc, n_rows = self.itc_loss(prefix, row_sample, input_ids, labels, caption_row,
+                                        question_caption=(question_caption_ids, question_caption_mask))
             out["loss"] = out["loss"] + self.itc_weight * itc
             out.update({"itc_loss": itc.detach(), "itc_rows": n_rows})
         if self.router is not None:
@@ -287,7 +292,9 @@ class RSMoE(nn.Module):
         self.itc_bank_size = 0  # filled entries (the newest last)
 
     def itc_loss(self, prefix: torch.Tensor, row_sample: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                 caption_row: torch.Tensor, temperature: float = 0.07) -> tuple[torch.Tensor, torch.Tensor]:
+                 caption_row: torch.Tensor, temperature: float = 0.07,
+                 question_caption: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-text contrastive loss (BLIP-2's ITC) over the caption rows.
 
         Image side: the row's visual prefix averaged over its queries. Text side: its caption's frozen LLM
@@ -295,15 +302,24 @@ class RSMoE(nn.Module):
         new parameters: each prefix is pulled toward its own caption's words in the LLM's input space and
         away from the other captions'. Image-to-text contrasts with the batch's captions and the bank of
         recent ones (the text side is frozen, so a stored vector never goes stale; entries equal to a
-        positive are left out); text-to-image with the batch's images. Returns (loss, caption rows)."""
-        rows = caption_row.nonzero().flatten()
+        positive are left out); text-to-image with the batch's images. `question_caption` (ids, mask), (R, T):
+        a question row whose mask is non-empty joins with its sample's caption as the text, so the prefix
+        the Q-Former builds for a question also tells its image apart. Returns (loss, contrasted rows)."""
+        q_ids, q_mask = question_caption
+        q_row = q_mask.bool().any(1) & ~caption_row if q_mask is not None else None
+        rows = (caption_row | q_row if q_row is not None else caption_row).nonzero().flatten()
         n = torch.tensor(float(rows.numel()), device=prefix.device)
         bank = self.itc_bank[self.itc_bank.shape[0] - self.itc_bank_size:].float().clone() if self.itc_bank_size else None
+        emb = self.experts.base.get_input_embeddings()
+        ids, target = input_ids[rows], labels[rows] != -100
+        if q_row is not None:  # a question row's text: its caption's tokens, not its answer's
+            use = q_row[rows].unsqueeze(1)
+            ids = torch.cat([ids, q_ids[rows]], 1)
+            target = torch.cat([target & ~use, q_mask[rows].bool() & use], 1)
+        # Exactly one call on every rank, even with no rows: under ZeRO-3 each call all-gathers the table.
+        words = emb(ids).float().detach()
         if rows.numel() < 2 and bank is None or rows.numel() == 0:
             return prefix.sum() * 0.0, n  # keeps the graph (ZeRO-3 expects every rank's backward)
-        emb = self.experts.base.get_input_embeddings()
-        target = labels[rows] != -100
-        words = emb(input_ids[rows]).float().detach()
         words = (words * target.unsqueeze(-1)).sum(1) / target.sum(1, keepdim=True).clamp(min=1)
         text = F.normalize(words - self.itc_vocab_mean, dim=-1)
         image = F.normalize(prefix[row_sample[rows]].float().mean(1), dim=-1)

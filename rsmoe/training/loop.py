@@ -82,7 +82,7 @@ def train_step(engine, processor: Processor, data_iter, guard: NonFiniteGuard, l
         # Seeded per (step, micro, data rank): instruction choice is reproducible after resume.
         rng = random.Random(f"{args.seed}/{state.step}/{micro}/{layout.dp_rank}")
         if args.stage == 1:
-            inputs = processor.stage1_inputs(batch, rng, args.data.vqa_prob)
+            inputs = processor.stage1_inputs(batch, rng, args.data.vqa_prob, args.train.itc_questions and args.train.itc_weight > 0)
         else:
             inputs = processor.stage2_inputs(batch, rng, local_ids, args.data.vqa_prob)
         positions += int(inputs["attention_mask"].sum()) + inputs["input_ids"].shape[0] * args.model.qformer.num_query_tokens

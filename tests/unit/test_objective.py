@@ -216,6 +216,46 @@ def test_itc_loss_is_symmetric_infonce_of_prefix_and_caption_words():
     assert float(model(**one)["itc_loss"]) == 0.0
 
 
+def test_itc_questions_pair_a_question_rows_prefix_with_its_samples_caption():
+    """train.itc_questions: the question row's prefix (Q-Former read the question) joins the contrast with
+    its sample's caption as the text; a direct computation over all four rows gives the same loss."""
+    args = load_config("tiny", ["train.itc_weight=0.5", "train.itc_questions=true"])
+    model, llm_tok, q_tok = build_model(args.model, seed=0)
+    model.trainable_stage1()
+    model.enable_itc(0.5)
+    proc = build_processor(args, llm_tok, q_tok)
+    size = args.model.vision.image_size
+    g = torch.Generator().manual_seed(3)
+    captions = ["Many planes at the airport.", "A beach next to the sea.", "Green farmland.", "Dense houses."]
+    batch = {"caption": captions, "parts": [None] * 4, "pixel_values": torch.randn(4, 3, size, size, generator=g),
+             "qa": [[], [{"question": "Is there water?", "answer": "yes", "type": "presence"}], [], []]}
+    plain = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0)
+    assert "question_caption_ids" not in plain  # off: nothing changes for the caption-only term
+    inputs = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0, question_captions=True)
+    assert inputs["caption_row"].tolist() == [True, False, True, True]
+    assert inputs["question_caption_mask"].sum(1).tolist()[0] == 0 and inputs["question_caption_mask"][1].sum() > 0
+    out = model(**inputs)
+    with torch.no_grad():
+        prefix = model.visual(inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"])
+        emb = model.experts.base.get_input_embeddings().weight
+        beach = llm_tok(" " + captions[1], add_special_tokens=False)["input_ids"] + [llm_tok.eos_token_id]
+        texts = []
+        for r in range(4):
+            ids = torch.tensor(beach) if r == 1 else inputs["input_ids"][r][inputs["labels"][r] != -100]
+            texts.append(emb[ids].mean(0) - emb.mean(0))
+        t = torch.nn.functional.normalize(torch.stack(texts), dim=-1)
+        i = torch.nn.functional.normalize(prefix.mean(1), dim=-1)
+        logits = i @ t.T / 0.07
+        want = (torch.nn.functional.cross_entropy(logits, torch.arange(4)) +
+                torch.nn.functional.cross_entropy(logits.T, torch.arange(4))) / 2
+    torch.testing.assert_close(out["itc_loss"], want, rtol=1e-4, atol=1e-5)
+    assert float(out["itc_rows"]) == 4
+    caption_only = model(**plain)
+    assert float(caption_only["itc_rows"]) == 3  # the question row's text is its answer: left out
+    with pytest.raises(Exception, match="itc_questions"):
+        load_config("tiny", ["train.itc_questions=maybe"])
+
+
 def test_loss_window_reports_itc_per_caption_row():
     from rsmoe.training.metrics import LossWindow
 

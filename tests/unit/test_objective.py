@@ -171,17 +171,25 @@ def test_prefix_norm_puts_each_prefix_token_at_the_word_embeddings_rms():
     torch.testing.assert_close(got, raw / raw.pow(2).mean(-1, keepdim=True).sqrt() * target, rtol=1e-4, atol=1e-6)
 
 
-def test_itc_loss_is_symmetric_infonce_of_prefix_and_caption_words():
-    args = load_config("tiny", ["train.itc_weight=0.5"])
+ITC_CAPTIONS = ["Many planes at the airport.", "A beach next to the sea.", "Green farmland.", "Dense houses."]
+
+
+def _itc_setup(overrides: list[str]):
+    """A tiny Stage I model with the contrastive term (weight 0.5), its processor and tokenizer, and a batch
+    of four captioned images of which the second has one question."""
+    args = load_config("tiny", ["train.itc_weight=0.5", *overrides])
     model, llm_tok, q_tok = build_model(args.model, seed=0)
     model.trainable_stage1()
     model.enable_itc(0.5)
-    proc = build_processor(args, llm_tok, q_tok)
     size = args.model.vision.image_size
     g = torch.Generator().manual_seed(3)
-    batch = {"caption": ["Many planes at the airport.", "A beach next to the sea.", "Green farmland.", "Dense houses."],
-             "parts": [None] * 4, "pixel_values": torch.randn(4, 3, size, size, generator=g),
+    batch = {"caption": list(ITC_CAPTIONS), "parts": [None] * 4, "pixel_values": torch.randn(4, 3, size, size, generator=g),
              "qa": [[], [{"question": "Is there water?", "answer": "yes", "type": "presence"}], [], []]}
+    return model, build_processor(args, llm_tok, q_tok), llm_tok, batch
+
+
+def test_itc_loss_is_symmetric_infonce_of_prefix_and_caption_words():
+    model, proc, _, batch = _itc_setup([])
     inputs = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0)
     assert inputs["caption_row"].tolist() == [True, False, True, True]  # the question row is not a caption
     out = model(**inputs)
@@ -219,16 +227,8 @@ def test_itc_loss_is_symmetric_infonce_of_prefix_and_caption_words():
 def test_itc_questions_pair_a_question_rows_prefix_with_its_samples_caption():
     """train.itc_questions: the question row's prefix (Q-Former read the question) joins the contrast with
     its sample's caption as the text; a direct computation over all four rows gives the same loss."""
-    args = load_config("tiny", ["train.itc_weight=0.5", "train.itc_questions=true"])
-    model, llm_tok, q_tok = build_model(args.model, seed=0)
-    model.trainable_stage1()
-    model.enable_itc(0.5)
-    proc = build_processor(args, llm_tok, q_tok)
-    size = args.model.vision.image_size
-    g = torch.Generator().manual_seed(3)
-    captions = ["Many planes at the airport.", "A beach next to the sea.", "Green farmland.", "Dense houses."]
-    batch = {"caption": captions, "parts": [None] * 4, "pixel_values": torch.randn(4, 3, size, size, generator=g),
-             "qa": [[], [{"question": "Is there water?", "answer": "yes", "type": "presence"}], [], []]}
+    model, proc, llm_tok, batch = _itc_setup(["train.itc_questions=true"])
+    captions = ITC_CAPTIONS
     plain = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0)
     assert "question_caption_ids" not in plain  # off: nothing changes for the caption-only term
     inputs = proc.stage1_inputs(batch, random.Random(0), vqa_prob=1.0, question_captions=True)

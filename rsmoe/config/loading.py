@@ -205,6 +205,12 @@ def _training_cwd(config_file: Path, run_dir: str) -> Path | None:
     return None
 
 
+def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        listed = " or ".join(", ".join(f"'{c}'" for c in choices).rsplit(", ", 1))
+        raise ConfigError(f"config key '{key}': {listed}, got {value!r}")
+
+
 def validate(args: TrainArgs) -> None:
     """Cross-field checks that need no process group (world-size checks live in the layout)."""
     m = args.model
@@ -218,14 +224,10 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError("config key 'distributed.ep': Stage I has one LLM, so ep must be 1")
     if args.stage == 2:
         check_expert_parallel(len(m.experts), args.distributed.ep)
-    if args.train.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"config key 'train.precision': 'auto', 'fp32' or 'bf16', got {args.train.precision!r}")
-    if args.train.loss_normalisation not in ("token", "sample"):
-        raise ConfigError(f"config key 'train.loss_normalisation': 'token' or 'sample', got {args.train.loss_normalisation!r}")
-    if args.data.caption_source not in ("caption", "references"):
-        raise ConfigError(f"config key 'data.caption_source': 'caption' or 'references', got {args.data.caption_source!r}")
-    if args.data.vqa_sampling not in ("question", "type"):
-        raise ConfigError(f"config key 'data.vqa_sampling': 'question' or 'type', got {args.data.vqa_sampling!r}")
+    _one_of("train.precision", args.train.precision, ("auto", "fp32", "bf16"))
+    _one_of("train.loss_normalisation", args.train.loss_normalisation, ("token", "sample"))
+    _one_of("data.caption_source", args.data.caption_source, ("caption", "references"))
+    _one_of("data.vqa_sampling", args.data.vqa_sampling, ("question", "type"))
     if args.optim.visual_lr_scale <= 0:
         raise ConfigError("config key 'optim.visual_lr_scale': must be > 0")
     if args.train.itc_weight < 0 or args.train.itc_bank < 0:
@@ -233,8 +235,7 @@ def validate(args: TrainArgs) -> None:
     if not 0 <= args.optim.adapter_delay_steps < max(1, args.train.steps):
         raise ConfigError(f"config key 'optim.adapter_delay_steps': must be in [0, train.steps={args.train.steps}), "
                           f"got {args.optim.adapter_delay_steps}")
-    if m.vision.type not in ("vit", "efficientnet"):
-        raise ConfigError(f"config key 'model.vision.type': 'vit' or 'efficientnet', got {m.vision.type!r}")
+    _one_of("model.vision.type", m.vision.type, ("vit", "efficientnet"))
     if m.router not in ROUTER_MODES:
         raise ConfigError(f"config key 'model.router': one of {', '.join(ROUTER_MODES)}, got {m.router!r}")
     lr = m.learned_router
@@ -242,8 +243,7 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError("config key 'model.learned_router': soft_tokens >= 0, hidden >= 1 and route_loss_weight >= 0 "
                           f"are needed, got {lr}")
     _validate_expert_parts(m.experts, m.expert_parts)
-    if args.stage2_init not in ("stage1", "untrained"):
-        raise ConfigError(f"config key 'stage2_init': 'stage1' or 'untrained', got {args.stage2_init!r}")
+    _one_of("stage2_init", args.stage2_init, ("stage1", "untrained"))
     if args.stage == 2 and args.stage2_init == "untrained" and args.init_from:
         raise ConfigError(f"config key 'init_from': stage2_init=untrained starts without a Stage I run, but init_from="
                           f"{args.init_from!r} names one; drop one of the two")

@@ -179,12 +179,8 @@ class Processor:
         out["caption_row"] = torch.tensor(caption_row, dtype=torch.bool)  # for train.itc_weight
         if question_captions and not all(caption_row):
             captions = [(p, None if c else batch["caption"][i]) for i, ((p, _), c) in enumerate(zip(rows, caption_row))]
-            enc = [t for _, t in self._encode_rows(captions)]
-            ids = torch.full((len(enc), max(map(len, enc))), self.llm_tokenizer.eos_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, t in enumerate(enc):
-                ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t, dtype=torch.long), 1
-            out["question_caption_ids"], out["question_caption_mask"] = ids, mask
+            padded = self._pad_right([([], t) for _, t in self._encode_rows(captions)])
+            out["question_caption_ids"], out["question_caption_mask"] = padded["input_ids"], padded["attention_mask"]
         return self._with_visual_inputs(out, batch, instructions)
 
     def stage2_inputs(

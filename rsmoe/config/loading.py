@@ -250,6 +250,9 @@ def validate(args: TrainArgs) -> None:
     for k in ("steps", "micro_batch_size", "grad_accum", "length_groups"):
         if getattr(args.train, k) < 1:
             raise ConfigError(f"config key 'train.{k}': must be >= 1")
+    if args.checkpoint.every < 0 or args.checkpoint.keep < 1:
+        raise ConfigError("config keys 'checkpoint.every' (>= 0; 0 = only at the end) and 'checkpoint.keep' (>= 1) "
+                          f"got {args.checkpoint.every} and {args.checkpoint.keep}")
     if args.data.feature_cache is False:  # YAML reads a bare `off` as false
         args.data.feature_cache = "off"
     if args.data.feature_cache is True or args.data.feature_cache.strip() == "":

@@ -209,7 +209,7 @@ class TrainLoopArgs:
 @dataclass
 class CheckpointArgs:
     every: int = 50
-    """Save every N steps (and always at the end)."""
+    """Save every N steps (and always at the end; 0 = only at the end)."""
     keep: int = 2
     """Keep the newest N step checkpoints."""
     resume: bool = True

@@ -200,7 +200,8 @@ def train_stage(args: TrainArgs, info: WorldInfo, run_dir: Path) -> dict:
             log_generations(engine, processor, samples, args, metrics, state.step, ep_plan)
 
         stopping = preemption.requested() or (t.stop_after_steps and state.step >= t.stop_after_steps)
-        if stopping or state.step % args.checkpoint.every == 0 or state.step == t.steps:
+        every = args.checkpoint.every
+        if stopping or (every and state.step % every == 0) or state.step == t.steps:
             ckpt.save([engine], state)
         if stopping:
             log.warning("stopping at step %d on a preemption signal; checkpoint %s written", state.step, ckpt.latest_tag())

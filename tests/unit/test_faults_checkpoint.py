@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rsmoe import cli
-from rsmoe.config import load_config
+from rsmoe.config import ConfigError, load_config
 from rsmoe.distributed.env import shutdown_distributed
 from rsmoe.io.checkpoints import COMPLETE
 from rsmoe.io.safe_load import UnsafeCheckpointError, restricted_unpickling
@@ -127,3 +127,13 @@ def test_legacy_bin_weights_never_unpickle_objects(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         _read_bert_state(d)
     assert not marker.exists()
+
+
+def test_checkpoint_every_0_saves_only_the_final_step(tiny_overrides, tmp_path, dist_env):
+    run = tmp_path / "end_only"
+    _train(tiny_overrides + ["train.steps=3", "checkpoint.every=0", "train.num_eval_samples=0", f"run_dir={run}"])
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000003"]
+    with pytest.raises(ConfigError, match="checkpoint.every"):
+        load_config("tiny", ["checkpoint.every=-1"])
+    with pytest.raises(ConfigError, match="checkpoint.keep"):
+        load_config("tiny", ["checkpoint.keep=0"])
